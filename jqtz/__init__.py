@@ -1,0 +1,1 @@
+"""jqtz: quantization for Flax models."""

@@ -1,0 +1,1 @@
+"""Loaders for real checkpoints and their tokenizers."""

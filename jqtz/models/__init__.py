@@ -1,0 +1,1 @@
+"""Reference models written with standard Flax modules."""
