@@ -1,0 +1,188 @@
+"""`QArray`: a quantized array as a JAX pytree.
+
+Invariants (checked by `QArray.validate`), for logical shape `shape` and block shape `block`:
+
+- `qvalue` holds the codes in `format.storage_dtype`, with trailing shape `shape`, except that
+  sub-byte formats are packed along the last axis to `_packing.packed_length(shape[-1], bits)`.
+- `scale` has trailing shape `num_blocks(shape, block)`: one scale per block. It is an array of
+  float32/bfloat16/float16, or itself a `QArray` (double quantization).
+- `zero_point` is present exactly when the format is unsigned; same shape as `scale`, in the
+  format's container dtype. Dequantized value = (code - zero_point) * scale.
+- Leaves may carry extra *leading* dimensions beyond `shape` (a batch of QArrays, as `vmap`
+  or stacked layers produce); every operation applies per batch element.
+
+Example:
+  >>> import jax, jax.numpy as jnp, jqtz
+  >>> w = jax.random.normal(jax.random.key(0), (256, 64))
+  >>> q = jqtz.quantize(w, jqtz.QuantSpec(format="int4", granularity="group", group_size=128))
+  >>> q.qvalue.shape, q.scale.shape, q.nbytes
+  ((256, 32), (2, 64), 8704)
+  >>> bool(jnp.abs(q.dequantize() - w).max() <= q.scale.max() / 2 + 1e-6)
+  True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jqtz import _blocks, _packing, formats
+
+
+@dataclasses.dataclass(frozen=True)
+class QArray:
+    """Quantized values, per-block scales, optional zero points and static metadata.
+
+    Attributes:
+      qvalue: stored codes (packed along the last axis for sub-byte formats).
+      scale: per-block scales, or a `QArray` of them (double quantization).
+      zero_point: per-block integer zero points for unsigned formats, else None.
+      format: the `jqtz.formats.Format` of the codes (static).
+      shape: logical shape of one array, without leading batch dimensions (static).
+      block_shape: elements per block along each dimension of `shape` (static).
+      dtype: the dtype `dequantize` returns (static).
+    """
+
+    qvalue: jax.Array
+    scale: jax.Array | QArray
+    zero_point: jax.Array | None
+    format: formats.Format
+    shape: tuple[int, ...]
+    block_shape: tuple[int, ...]
+    dtype: np.dtype
+
+    # -- derived -------------------------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """Leading dimensions beyond the logical shape (from vmap or stacked layers)."""
+        return tuple(self.qvalue.shape[: self.qvalue.ndim - self.ndim])
+
+    @property
+    def size(self) -> int:
+        """Number of logical elements, batch dimensions included."""
+        return math.prod(self.batch_shape) * math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually stored: codes, scales (recursively) and zero points."""
+        n = self.qvalue.size * self.qvalue.dtype.itemsize
+        n += (
+            self.scale.nbytes
+            if isinstance(self.scale, QArray)
+            else self.scale.size * (self.scale.dtype.itemsize)
+        )
+        if self.zero_point is not None:
+            n += self.zero_point.size * self.zero_point.dtype.itemsize
+        return int(n)
+
+    @property
+    def bits_per_value(self) -> float:
+        """Stored bits per logical element, overheads included (int4 g128 bf16: 4.125)."""
+        return 8.0 * self.nbytes / max(self.size, 1)
+
+    @property
+    def granularity(self) -> str:
+        """A short name for the block structure: `tensor`, `channel`, `g128`, `128x128`."""
+        return _blocks.describe(self.shape, self.block_shape)
+
+    def __repr__(self):
+        scale = self.scale
+        sdt = "q" + scale.format.name if isinstance(scale, QArray) else scale.dtype.name
+        batch = f"batch={self.batch_shape}, " if self.batch_shape else ""
+        return (
+            f"QArray({self.format.name}, shape={self.shape}, {batch}{self.granularity}, "
+            f"scale={sdt}, dtype={np.dtype(self.dtype).name})"
+        )
+
+    # -- behaviour -----------------------------------------------------------------------------
+    def codes(self) -> jax.Array:
+        """Unpacked codes in the format's container dtype, logical trailing shape."""
+        if self.format.packed:
+            signed = isinstance(self.format, formats.IntFormat) and self.format.signed
+            return _packing.unpack(self.qvalue, self.format.bits, self.shape[-1], signed=signed)
+        return self.qvalue
+
+    def scale_values(self) -> jax.Array:
+        """Per-block scales as float32 (dequantizing nested scales)."""
+        s = self.scale
+        return (
+            s.dequantize().astype(jnp.float32) if isinstance(s, QArray) else s.astype(jnp.float32)
+        )
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        """The real values: (code - zero_point) * scale, in `dtype` (default `self.dtype`)."""
+        values = self.format.decode(self.codes())
+        rank = self.ndim
+        vb = _blocks.to_blocks(values, self.block_shape, fill=0)
+        if self.zero_point is not None:
+            vb = vb - _blocks.expand(self.zero_point.astype(jnp.float32), rank)
+        xb = vb * _blocks.expand(self.scale_values(), rank)
+        return _blocks.from_blocks(xb, self.shape).astype(dtype or self.dtype)
+
+    def validate(self) -> QArray:
+        """Check the invariants in the module docstring; returns self.
+
+        Raises:
+          ValueError: naming the field, the expected and the actual value.
+        """
+        fmt = self.format
+        if len(self.block_shape) != self.ndim or any(b < 1 for b in self.block_shape):
+            raise ValueError(
+                f"QArray.block_shape {self.block_shape} must have one positive entry per "
+                f"dimension of shape {self.shape}"
+            )
+        if self.qvalue.dtype != fmt.storage_dtype:
+            raise ValueError(
+                f"QArray.qvalue dtype must be {fmt.storage_dtype} for format {fmt.name!r}, "
+                f"got {self.qvalue.dtype}"
+            )
+        want = self.shape
+        if fmt.packed and self.ndim:
+            want = (*self.shape[:-1], _packing.packed_length(self.shape[-1], fmt.bits))
+        if tuple(self.qvalue.shape[self.qvalue.ndim - self.ndim :]) != want:
+            raise ValueError(
+                f"QArray.qvalue trailing shape must be {want} for logical shape {self.shape} "
+                f"({fmt.name}), got {self.qvalue.shape}"
+            )
+        n = _blocks.num_blocks(self.shape, self.block_shape)
+        sshape = (
+            self.scale.batch_shape + self.scale.shape
+            if isinstance(self.scale, QArray)
+            else self.scale.shape
+        )
+        if tuple(sshape[len(sshape) - self.ndim :]) != n or len(sshape) < self.ndim:
+            raise ValueError(
+                f"QArray.scale trailing shape must be {n} (blocks per dimension), got {sshape}"
+            )
+        if fmt.has_zero_point != (self.zero_point is not None):
+            raise ValueError(
+                f"format {fmt.name!r} {'needs' if fmt.has_zero_point else 'takes no'} zero_point"
+            )
+        if self.zero_point is not None and self.zero_point.shape != tuple(sshape):
+            raise ValueError(
+                f"QArray.zero_point shape must equal the scale shape {sshape}, "
+                f"got {self.zero_point.shape}"
+            )
+        if isinstance(self.scale, QArray):
+            self.scale.validate()
+        return self
+
+
+jax.tree_util.register_dataclass(
+    QArray,
+    data_fields=["qvalue", "scale", "zero_point"],
+    meta_fields=["format", "shape", "block_shape", "dtype"],
+)
+
+
+def is_qarray(x) -> bool:
+    """Whether `x` is a `QArray` (use as `is_leaf` in tree maps)."""
+    return isinstance(x, QArray)

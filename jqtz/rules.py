@@ -1,0 +1,210 @@
+"""Rules: which parameters to quantize and how, as plain data matched on parameter paths.
+
+A parameter's path is its keys joined by `/` (`"layers_3/mlp/down_proj/kernel"`); NNX states give
+the same paths (the `Variable`'s `.value` is not part of it). Rules are an ordered list; the first
+rule whose regex *fully* matches a path decides: quantize with its `QuantSpec`, or keep the
+parameter in full precision when its spec is None.
+
+Some parameters stay in full precision unless a rule sets `force=True` (what users expect):
+embeddings, the output head (`lm_head`, `unembed`), norms, biases, leaves of fewer than two
+dimensions, and anything not floating point. `plan` says what happens to every leaf and why, and
+which rules matched nothing.
+
+Example:
+  >>> import jax.numpy as jnp, jqtz
+  >>> params = {"embed": {"embedding": jnp.ones((10, 4))}, "mlp": {"kernel": jnp.ones((4, 8))}}
+  >>> rules = [jqtz.Rule(r".*/kernel", jqtz.QuantSpec(format="int8"))]
+  >>> [(d.path, d.action) for d in jqtz.plan(params, rules).decisions]
+  [('embed/embedding', 'keep'), ('mlp/kernel', 'int8 channel')]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from jqtz.qarray import QArray, is_qarray
+from jqtz.spec import QuantSpec
+
+# (kind, regex searched in the path): kept in full precision unless a rule says force=True.
+DEFAULT_KEEP: tuple[tuple[str, str], ...] = (
+    ("embedding", r"(?i)(^|/)[^/]*(embed|wte|wpe)[^/]*(/|$)"),
+    ("output head", r"(?i)(^|/)(lm_head|unembed\w*|output_head|head)(/|$)"),
+    ("norm", r"(?i)(^|/)([^/]*norm[^/]*|ln(_\w*|\d*))(/|$)"),
+    ("bias", r"(?i)(^|/)bias$"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Quantize parameters whose path fully matches `pattern` with `spec` (None: keep).
+
+    Attributes:
+      pattern: a regular expression, matched with `re.fullmatch` against the `/`-joined path.
+      spec: the `QuantSpec`, or None to keep matching parameters in full precision.
+      force: also quantize parameters kept by default (embeddings, heads, norms, biases, 1-D).
+    """
+
+    pattern: str
+    spec: QuantSpec | None
+    force: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.pattern, str):
+            raise TypeError(f"Rule pattern must be a str, got {type(self.pattern).__name__}")
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"Rule pattern {self.pattern!r} is not a valid regex: {e}") from None
+        if self.spec is not None and not isinstance(self.spec, QuantSpec):
+            raise TypeError(
+                f"Rule {self.pattern!r}: spec must be a QuantSpec or None, "
+                f"got {type(self.spec).__name__}"
+            )
+
+    def matches(self, path: str) -> bool:
+        return re.fullmatch(self.pattern, path) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What happens to one leaf: its spec (None: kept) and the reason."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    spec: QuantSpec | None
+    reason: str
+    rule: int | None
+
+    @property
+    def action(self) -> str:
+        if self.spec is None:
+            return "keep"
+        from jqtz import _blocks
+
+        block = self.spec.block_shape_for(self.shape, path=self.path)
+        return f"{self.spec.storage_format.name} {_blocks.describe(self.shape, block)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Every leaf's `Decision`, and the rules that matched no leaf or only protected ones."""
+
+    decisions: tuple[Decision, ...]
+    unmatched_rules: tuple[int, ...]
+    protected_only_rules: tuple[int, ...]
+    rules: tuple[Rule, ...]
+
+    def by_path(self) -> dict[str, Decision]:
+        return {d.path: d for d in self.decisions}
+
+    def warnings(self) -> list[str]:
+        out = [
+            f"rule {i} ({self.rules[i].pattern!r}) matched no parameter"
+            for i in self.unmatched_rules
+        ]
+        out += [
+            f"rule {i} ({self.rules[i].pattern!r}) matched only parameters kept by default "
+            "(embeddings, heads, norms, biases, 1-D); set force=True to quantize them"
+            for i in self.protected_only_rules
+        ]
+        return out
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def path_str(keypath) -> str:
+    """`/`-joined names of a JAX key path, without the trailing `.value` of an NNX Variable."""
+    keys = list(keypath)
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]
+    return "/".join(_key_name(k) for k in keys)
+
+
+def normalize_rules(rules) -> tuple[Rule, ...]:
+    """Accept a `QuantSpec` (applies to every eligible leaf), a `Rule`, or a sequence of rules
+    and `(pattern, spec)` pairs."""
+    if isinstance(rules, QuantSpec):
+        return (Rule(".*", rules),)
+    if isinstance(rules, Rule):
+        return (rules,)
+    if isinstance(rules, str) or not isinstance(rules, Sequence):
+        raise TypeError(
+            "`rules` must be a QuantSpec, a Rule, or a list of Rule / (pattern, spec) pairs, "
+            f"got {type(rules).__name__}"
+        )
+    out = []
+    for i, r in enumerate(rules):
+        if isinstance(r, Rule):
+            out.append(r)
+        elif isinstance(r, tuple) and len(r) == 2:
+            try:
+                out.append(Rule(*r))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"rules[{i}]: {e}") from None
+        else:
+            raise TypeError(f"rules[{i}] must be a Rule or a (pattern, spec) pair, got {r!r}")
+    return tuple(out)
+
+
+def default_keep_reason(path: str, shape, dtype) -> str | None:
+    """Why a leaf stays in full precision by default, or None if it is eligible."""
+    if not np.issubdtype(np.dtype(dtype), np.floating) and np.dtype(dtype).name not in (
+        "bfloat16",
+        "float16",
+    ):
+        return "not floating point"
+    if len(shape) < 2:
+        return "1-D leaf"
+    for kind, regex in DEFAULT_KEEP:
+        if re.search(regex, path):
+            return kind
+    return None
+
+
+def _leaves_with_paths(params):
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)
+    return [(path_str(kp), leaf) for kp, leaf in flat]
+
+
+def plan(params, rules) -> Plan:
+    """Decide, for every leaf of `params`, whether and how it is quantized (nothing is run)."""
+    rules = normalize_rules(rules)
+    decisions = []
+    applied = [0] * len(rules)
+    matched = [0] * len(rules)
+    for path, leaf in _leaves_with_paths(params):
+        shape, dtype = tuple(np.shape(leaf)), np.dtype(getattr(leaf, "dtype", np.float32))
+        idx = next((i for i, r in enumerate(rules) if r.matches(path)), None)
+        protected = default_keep_reason(path, shape, dtype)
+        if isinstance(leaf, QArray):
+            d = Decision(path, leaf.shape, np.dtype(leaf.dtype), None, "already quantized", idx)
+        elif idx is None:
+            d = Decision(path, shape, dtype, None, "no rule matched", None)
+        else:
+            matched[idx] += 1
+            rule = rules[idx]
+            if rule.spec is None:
+                d = Decision(path, shape, dtype, None, f"rule {idx}: keep", idx)
+            elif protected and not (rule.force and protected != "not floating point"):
+                d = Decision(path, shape, dtype, None, f"kept by default: {protected}", idx)
+            else:
+                rule.spec.block_shape_for(shape, path=path)  # shape errors name the path now
+                applied[idx] += 1
+                d = Decision(path, shape, dtype, rule.spec, f"rule {idx}", idx)
+        decisions.append(d)
+    unmatched = tuple(i for i, n in enumerate(matched) if n == 0)
+    protected_only = tuple(
+        i for i, r in enumerate(rules) if matched[i] and not applied[i] and r.spec is not None
+    )
+    return Plan(tuple(decisions), unmatched, protected_only, rules)
