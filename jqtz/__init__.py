@@ -10,7 +10,7 @@ the full-precision tree back:
   True
 """
 
-from jqtz import formats, ranges
+from jqtz import formats, nn, ranges
 from jqtz.qarray import QArray, is_qarray
 from jqtz.quantize import quantize
 from jqtz.report import MemoryReport, QuantReport, memory_report, quantization_report
@@ -30,6 +30,7 @@ __all__ = [
     "formats",
     "is_qarray",
     "memory_report",
+    "nn",
     "plan",
     "quantization_report",
     "quantize",

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jqtz import _blocks, _packing, formats
+from jqtz.spec import QuantSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,9 @@ class QArray:
       shape: logical shape of one array, without leading batch dimensions (static).
       block_shape: elements per block along each dimension of `shape` (static).
       dtype: the dtype `dequantize` returns (static).
+      act: how the other operand of a matrix product with this array is quantized (a
+        `QuantSpec`; None: weight-only), from `QuantSpec.activation` (static).
+      act_scale: static (calibrated) activation scales; None means dynamic ranges.
     """
 
     qvalue: jax.Array
@@ -54,6 +58,8 @@ class QArray:
     shape: tuple[int, ...]
     block_shape: tuple[int, ...]
     dtype: np.dtype
+    act: QuantSpec | None = None
+    act_scale: jax.Array | None = None
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -103,6 +109,16 @@ class QArray:
         )
 
     # -- behaviour -----------------------------------------------------------------------------
+    def __jax_array__(self):
+        # Any consumer that converts with jnp.asarray (flax's promote_dtype, jnp.take, ...) gets
+        # the dequantized array at its point of use: unmodified models run on quantized trees.
+        return self.dequantize()
+
+    def __getitem__(self, key):
+        if key is Ellipsis:  # nnx reads `variable[...]`; keep the QArray for the product seam
+            return self
+        return self.dequantize()[key]
+
     def codes(self) -> jax.Array:
         """Unpacked codes in the format's container dtype, logical trailing shape."""
         if self.format.packed:
@@ -178,8 +194,8 @@ class QArray:
 
 jax.tree_util.register_dataclass(
     QArray,
-    data_fields=["qvalue", "scale", "zero_point"],
-    meta_fields=["format", "shape", "block_shape", "dtype"],
+    data_fields=["qvalue", "scale", "zero_point", "act_scale"],
+    meta_fields=["format", "shape", "block_shape", "dtype", "act"],
 )
 
 

@@ -102,4 +102,6 @@ def _quantize(x, spec, block, scale, zero_point, dtype):
         scaled = scaled + _blocks.expand(zero_point.astype(jnp.float32), rank)
     codes = _blocks.from_blocks(fmt.encode(scaled), x.shape)
     qvalue = _packing.pack(codes, fmt.bits) if fmt.packed else codes
-    return QArray(qvalue, stored_scale, zero_point, fmt, tuple(x.shape), block, dtype)
+    return QArray(
+        qvalue, stored_scale, zero_point, fmt, tuple(x.shape), block, dtype, act=spec.activation
+    )

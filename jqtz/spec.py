@@ -57,6 +57,8 @@ class QuantSpec:
         quantization; meant for `nf4`).
       allow_partial_groups: allow a shorter last group/block when a dimension is not a multiple of
         the group size (the original GPTQ behaviour); if False that raises a `ValueError`.
+      activation: for weights, how the input of their matrix products is quantized at run time
+        (e.g. int8 per token for W8A8: `QuantSpec(format="int8", axis=-1)`); None: weight-only.
     """
 
     format: str = "int8"
@@ -73,6 +75,7 @@ class QuantSpec:
     scale_dtype: str = "float32"
     double_quant: bool = False
     allow_partial_groups: bool = True
+    activation: QuantSpec | None = None
 
     def __post_init__(self):
         if isinstance(self.format, formats.Format):
@@ -137,6 +140,15 @@ class QuantSpec:
                 f"`scale_dtype`={dt!r}; supported scale dtypes are {', '.join(_SCALE_DTYPES)}"
             )
         object.__setattr__(self, "scale_dtype", dt)
+        act = self.activation
+        if act is not None:
+            if not isinstance(act, QuantSpec):
+                raise TypeError(f"`activation` must be a QuantSpec or None, got {act!r}")
+            if act.activation is not None or act.double_quant or act.clipping != "max":
+                raise NotImplementedError(
+                    "activation specs take a format, granularity and axis only (clipping='max', "
+                    "no double_quant, no nested activation)"
+                )
 
     @property
     def storage_format(self) -> formats.Format:

@@ -1,0 +1,122 @@
+"""Unmodified linen and NNX models on quantized trees: the interceptor, the NNX seam, the
+`__jax_array__` fallback, and the transformations they must survive."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+from flax.errors import ScopeParamShapeError
+from jax.sharding import Mesh, PartitionSpec
+
+import jqtz
+
+
+class Tiny(nn.Module):
+    """Embed -> Dense -> DenseGeneral -> tied head: every module jqtz intercepts."""
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(50, 64, name="embed_tokens")
+        x = embed(ids)
+        x = jax.nn.silu(nn.Dense(128, name="up")(x))
+        x = nn.DenseGeneral((4, 16), name="proj")(x).reshape(*ids.shape, 64)
+        return embed.attend(x)
+
+
+IDS = jnp.arange(12).reshape(2, 6) % 50
+W8A8 = jqtz.QuantSpec(format="int8", activation=jqtz.QuantSpec(format="int8", axis=-1))
+W4 = jqtz.QuantSpec(format="int4", granularity="group", group_size=32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = Tiny()
+    return model, model.init(jax.random.key(0), IDS)
+
+
+def _rel(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def test_weight_only_model_equals_model_on_dequantized_params(tiny):
+    model, params = tiny
+    q = jqtz.quantize_params(params, [jqtz.Rule(".*", W4, force=True)])
+    with jqtz.nn.quantized_ops():
+        got = jax.jit(model.apply)(q, IDS)
+    want = model.apply(jqtz.dequantize_params(q), IDS)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert 0 < _rel(got, model.apply(params, IDS)) < 0.5
+
+
+def test_w8a8_model_uses_int8_products(tiny):
+    model, params = tiny
+    q = jqtz.quantize_params(params, W8A8)
+    with jqtz.nn.quantized_ops():
+        jaxpr = str(jax.make_jaxpr(model.apply)(q, IDS))
+        got = jax.jit(model.apply)(q, IDS)
+    assert jaxpr.count("preferred_element_type=int32") == 2  # up and proj; embed stays fp
+    assert _rel(got, model.apply(params, IDS)) < 0.03
+
+
+def test_interception_is_scoped(tiny):
+    model, params = tiny
+    q = jqtz.quantize_params(params, W8A8)
+    with jqtz.nn.quantized_ops():
+        pass
+    # Outside the block the model runs on the __jax_array__ fallback: float products only.
+    jaxpr = str(jax.make_jaxpr(model.apply)(q, IDS))
+    assert "int32" not in jaxpr
+    # ... and packed formats hit linen's parameter shape check, as documented.
+    q4 = jqtz.quantize_params(params, W4)
+    with pytest.raises(ScopeParamShapeError):
+        model.apply(q4, IDS)
+
+
+def test_transformations(tiny):
+    model, params = tiny
+    q = jqtz.quantize_params(params, W4)
+    with jqtz.nn.quantized_ops():
+        base = model.apply(q, IDS)
+        batched = jax.vmap(lambda i: model.apply(q, i))(IDS[:, None, :])[:, 0]
+        grad = jax.grad(lambda p: model.apply(p, IDS).sum(), allow_int=True)(q)
+        mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
+        sharded = jax.shard_map(
+            lambda i: model.apply(q, i),
+            mesh=mesh,
+            in_specs=PartitionSpec("x"),
+            out_specs=PartitionSpec("x"),
+        )(IDS)
+    np.testing.assert_allclose(batched, base, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sharded, base, rtol=1e-5, atol=1e-5)
+    # Gradients reach the full-precision leaves (the embedding) and are finite.
+    g = grad["params"]["embed_tokens"]["embedding"]
+    assert g.shape == (50, 64) and bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0
+
+
+class TinyNNX(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(64, 128, rngs=rngs)
+        self.l2 = nnx.Linear(128, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(jax.nn.relu(self.l1(x)))
+
+
+def test_nnx_fallback_and_seam():
+    model = TinyNNX(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (3, 64))
+    want = model(x)
+    graphdef, state = nnx.split(model)
+    qstate = jqtz.quantize_params(state, W8A8)
+    qmodel = nnx.merge(graphdef, qstate)
+    fallback = qmodel(x)  # __jax_array__: dequantized weights, float products
+    assert _rel(fallback, want) < 0.02
+    jqtz.nn.use_quantized_ops(qmodel)
+    f = nnx.jit(lambda m, x: m(x))
+    got = f(qmodel, x)
+    assert "preferred_element_type=int32" in str(jax.make_jaxpr(lambda x: qmodel(x))(x))
+    assert _rel(got, want) < 0.03
+    # The quantized state was not copied: the module holds the very same buffers.
+    assert qmodel.l1.kernel.get_value().qvalue is qstate["l1"]["kernel"].get_value().qvalue
