@@ -1,0 +1,153 @@
+"""Full-precision key/value cache for incremental decoding, and the attention over it.
+
+A model holds one cache object per decoder layer and talks to it through two methods, so a
+quantized cache (keys and values stored as int8/fp8/int4 when appended) can replace this one
+without touching the model:
+
+``cache.update(k_new, v_new) -> cache``
+    Append ``T`` new tokens, ``k_new`` and ``v_new`` of shape ``(B, T, Hkv, D)`` (after RoPE), at
+    positions ``[cache.length, cache.length + T)``; return the new cache (caches are immutable
+    pytrees, so this works under ``jax.jit`` and ``jax.lax`` loops).
+``cache.attend(q) -> out``
+    Causal attention of the queries of the ``T`` tokens appended last, ``q`` of shape
+    ``(B, T, H, D)`` with ``H`` a multiple of ``Hkv`` (grouped-query attention), over every key
+    in the cache; returns ``(B, T, H, D)`` in the dtype of ``q``.
+
+plus a ``length`` attribute (int32 scalar: how many positions are filled), which the model reads
+to place the RoPE positions of new tokens. Position ``s`` of the buffers holds the token at
+absolute position ``s``; all sequences of a batch share one length.
+
+Example:
+    >>> cache = KVCache.init(batch=1, max_len=16, n_kv_heads=2, head_dim=4)
+    >>> k = v = jnp.ones((1, 3, 2, 4))
+    >>> cache = cache.update(k, v)
+    >>> cache.attend(jnp.ones((1, 3, 4, 4))).shape
+    (1, 3, 4, 4)
+    >>> int(cache.length)
+    3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, Self
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["KVCache", "LayerCache", "dot_product_attention"]
+
+
+class LayerCache(Protocol):
+    """The interface a decoder layer needs from its cache (see the module docstring)."""
+
+    length: jax.Array
+
+    def update(self, k_new: jax.Array, v_new: jax.Array) -> Self: ...
+
+    def attend(self, q: jax.Array) -> jax.Array: ...
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+) -> jax.Array:
+    """Grouped-query softmax attention, softmax in float32.
+
+    ``out[b, t, h] = sum_s softmax_s(q[b, t, h] . k[b, s, h // G] / sqrt(D)) v[b, s, h // G]``
+    over the keys ``s`` where ``mask[b, t, s]`` holds, with ``G = H // Hkv`` query heads per key
+    head (the grouping of Hugging Face's ``repeat_kv`` and llama2.c).
+
+    Args:
+        q: queries ``(B, T, H, D)``.
+        k: keys ``(B, S, Hkv, D)``.
+        v: values ``(B, S, Hkv, D)``.
+        mask: booleans ``(B, T, S)``: which keys each query may see.
+
+    Returns:
+        ``(B, T, H, D)`` in the dtype of ``q``.
+
+    Example:
+        >>> q = jnp.ones((1, 2, 4, 8)); k = v = jnp.ones((1, 2, 2, 8))
+        >>> dot_product_attention(q, k, v, jnp.tril(jnp.ones((1, 2, 2), bool))).shape
+        (1, 2, 4, 8)
+    """
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    q = q.reshape(b, t, hkv, h // hkv, d)  # (B, T, Hkv, G, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (d**-0.5)  # (B, Hkv, G, T, S)
+    # A finite minimum rather than -inf: a fully masked row gives uniform weights, not NaN.
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # (B, T, Hkv, G, D)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of one decoder layer, in full precision.
+
+    Attributes:
+        keys: ``(B, max_len, Hkv, D)``; positions at or past ``length`` are unused.
+        values: ``(B, max_len, Hkv, D)``.
+        length: int32 scalar, the number of filled positions.
+
+    Example:
+        >>> cache = KVCache.init(batch=2, max_len=8, n_kv_heads=1, head_dim=4)
+        >>> cache.keys.shape
+        (2, 8, 1, 4)
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    length: jax.Array
+
+    @classmethod
+    def init(
+        cls,
+        *,
+        batch: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: jnp.dtype = jnp.float32,
+    ) -> KVCache:
+        """An empty cache with room for ``max_len`` positions."""
+        shape = (batch, max_len, n_kv_heads, head_dim)
+        return cls(
+            keys=jnp.zeros(shape, dtype),
+            values=jnp.zeros(shape, dtype),
+            length=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[1]
+
+    def update(self, k_new: jax.Array, v_new: jax.Array) -> KVCache:
+        """Appends ``k_new``, ``v_new`` ``(B, T, Hkv, D)`` at ``[length, length + T)``.
+
+        Writing past ``max_len`` is not checked inside ``jit`` (``dynamic_update_slice`` would
+        clamp the start index); callers size the cache for the whole generation.
+        """
+        start = (0, self.length, 0, 0)
+        return KVCache(
+            keys=jax.lax.dynamic_update_slice(self.keys, k_new.astype(self.keys.dtype), start),
+            values=jax.lax.dynamic_update_slice(
+                self.values, v_new.astype(self.values.dtype), start
+            ),
+            length=self.length + k_new.shape[1],
+        )
+
+    def attend(self, q: jax.Array) -> jax.Array:
+        """Attention of the last ``T`` appended tokens' queries ``(B, T, H, D)`` over the cache."""
+        b, t = q.shape[:2]
+        q_pos = self.length - t + jnp.arange(t)  # (T,)
+        k_pos = jnp.arange(self.max_len)  # (S,)
+        # Causal: a query sees the keys up to its own position; unfilled slots lie beyond it.
+        mask = jnp.broadcast_to(k_pos[None, :] <= q_pos[:, None], (b, t, self.max_len))
+        return dot_product_attention(q, self.keys, self.values, mask)
