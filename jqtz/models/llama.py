@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jqtz.models.kv_cache import KVCache, LayerCache, dot_product_attention
+from jqtz.nn import quantized_ops
 
 __all__ = [
     "Llama",
@@ -431,7 +432,14 @@ def generate(
 @functools.partial(
     jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "eos_id", "cache_factory")
 )
-def _generate(
+def _generate(model, params, prompt_tokens, rng, **kwargs):
+    # The interception is entered inside the traced function, so every compiled version of
+    # `generate` runs quantized parameters through jqtz's products, whatever the caller's context.
+    with quantized_ops():
+        return _generate_traced(model, params, prompt_tokens, rng, **kwargs)
+
+
+def _generate_traced(
     model, params, prompt_tokens, rng, *, max_new_tokens, temperature, eos_id, cache_factory
 ):
     batch, prompt_len = prompt_tokens.shape

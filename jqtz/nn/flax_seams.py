@@ -103,12 +103,19 @@ _HANDLERS = {
 }
 
 
+_OBSERVERS: list = []  # callbacks (param path, input) of `observe_inputs`, innermost last
+
+
 def _interceptor(next_fun, args, kwargs, context):
     entry = _HANDLERS.get((type(context.module), context.method_name))
     if entry is not None and not kwargs:
         name, handler = entry
         params = context.module.variables.get("params", {})
         if isinstance(params.get(name), QArray):
+            if _OBSERVERS and handler in (_dense, _dense_general, _embed_attend):
+                path = "/".join((*context.module.scope.path, name))
+                for observer in _OBSERVERS:
+                    observer(path, args[0])
             out = handler(context.module, params, *args)
             if out is not _FALLBACK:
                 return out
@@ -121,6 +128,18 @@ def quantized_ops():
     quantized products (see the module docstring)."""
     with nn.intercept_methods(_interceptor):
         yield
+
+
+@contextlib.contextmanager
+def observe_inputs(callback):
+    """Within this block (and `quantized_ops()`), call `callback(path, x)` with the input `x` of
+    every intercepted product on a `QArray` weight; `path` is the weight's module path, e.g.
+    `layers_0/mlp/up_proj/kernel`. Used to calibrate static activation ranges."""
+    _OBSERVERS.append(callback)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(callback)
 
 
 def use_quantized_ops(model: nnx.Module) -> nnx.Module:
