@@ -2,8 +2,9 @@
 
 Each configuration runs in a fresh subprocess. Reports quantize time, the process's peak resident
 memory while quantizing (the kernel's high-water mark, reset after the random tree is built; it
-includes the input tree, the output and the JAX runtime), and the storage ratio against bf16. The tree is bf16 (how 1B checkpoints ship) with Llama-3.2-1B shapes:
-dim 2048, 16 layers, FFN 8192, 32 heads / 8 KV heads of 64, vocab 128256, tied embeddings.
+includes the input tree, the output and the JAX runtime), and the storage ratio against bf16.
+The tree is bf16 (how 1B checkpoints ship) with Llama-3.2-1B shapes: dim 2048, 16 layers,
+FFN 8192, 32 heads / 8 KV heads of 64, vocab 128256, tied embeddings.
 
 Usage:
   python examples/bench_rtn_1b.py            # int8 per-channel and int4 g128, bf16 scales
@@ -90,8 +91,11 @@ def run_one(name: str, layers: int) -> dict:
     peak = _status_bytes("VmHWM")
 
     mem = jqtz.memory_report(q)
-    quantized = [x for x in jax.tree_util.tree_leaves(q, is_leaf=jqtz.is_qarray)
-                 if isinstance(x, jqtz.QArray)]
+    quantized = [
+        x
+        for x in jax.tree_util.tree_leaves(q, is_leaf=jqtz.is_qarray)
+        if isinstance(x, jqtz.QArray)
+    ]
     q_bytes = sum(x.nbytes for x in quantized)
     q_elems = sum(x.size for x in quantized)
     return {
@@ -119,24 +123,32 @@ def main():
         return
     import jax
 
-    print(f"# jax {jax.__version__}, {platform.processor() or platform.machine()}, "
-          f"{__import__('os').cpu_count()} cores, python {platform.python_version()}")
+    print(
+        f"# jax {jax.__version__}, {platform.processor() or platform.machine()}, "
+        f"{__import__('os').cpu_count()} cores, python {platform.python_version()}"
+    )
     rows = []
     for name in CONFIGS:
         out = subprocess.run(
             [sys.executable, __file__, "--config", name, "--layers", str(args.layers)],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     gib = 2**30
-    print("| config | params | quantize time | peak RSS | input tree | peak / input "
-          "| bits per quantized weight | quantized leaves vs bf16 | whole tree vs bf16 |")
+    print(
+        "| config | params | quantize time | peak RSS | input tree | peak / input "
+        "| bits per quantized weight | quantized leaves vs bf16 | whole tree vs bf16 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['params'] / 1e9:.3f} B | {r['seconds']:.1f} s "
-              f"| {r['peak_rss_bytes'] / gib:.2f} GiB | {r['input_bytes'] / gib:.2f} GiB "
-              f"| {r['peak_over_input']:.2f}x | {r['bits_per_quantized_weight']} "
-              f"| {r['quantized_leaves_vs_bf16']} | {r['tree_vs_bf16']} |")
+        print(
+            f"| {r['config']} | {r['params'] / 1e9:.3f} B | {r['seconds']:.1f} s "
+            f"| {r['peak_rss_bytes'] / gib:.2f} GiB | {r['input_bytes'] / gib:.2f} GiB "
+            f"| {r['peak_over_input']:.2f}x | {r['bits_per_quantized_weight']} "
+            f"| {r['quantized_leaves_vs_bf16']} | {r['tree_vs_bf16']} |"
+        )
     print(json.dumps(rows))
 
 

@@ -44,8 +44,11 @@ def nested(flat: dict) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--file", type=pathlib.Path, help="a .safetensors file (default: MiniLM)")
-    ap.add_argument("--format", default="int4", choices=["int8", "int4", "int3", "int2",
-                                                        "fp8_e4m3", "fp8_e5m2", "nf4"])
+    ap.add_argument(
+        "--format",
+        default="int4",
+        choices=["int8", "int4", "int3", "int2", "fp8_e4m3", "fp8_e5m2", "nf4"],
+    )
     ap.add_argument("--granularity", default="group", choices=["tensor", "channel", "group"])
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--asymmetric", action="store_true")

@@ -34,8 +34,11 @@ def to_blocks(x: jnp.ndarray, block: tuple[int, ...], fill=jnp.nan) -> jnp.ndarr
     pads = [(0, 0)] * nb + [(0, ni * bi - si) for si, bi, ni in zip(shape, block, n, strict=True)]
     if any(p for _, p in pads):
         x = jnp.pad(x, pads, constant_values=fill)
-    inter = [d for ni, bi in zip(n, block, strict=True) for d in (ni, bi)]
-    return x.reshape(*x.shape[:nb], *inter)
+    # One axis per reshape: jax can shard a single split axis, not a multi-axis reshape.
+    for i, (ni, bi) in enumerate(zip(n, block, strict=True)):
+        at = nb + 2 * i
+        x = x.reshape(*x.shape[:at], ni, bi, *x.shape[at + 1 :])
+    return x
 
 
 def block_axes(ndim_blocked: int, rank: int) -> tuple[int, ...]:
@@ -49,7 +52,10 @@ def from_blocks(xb: jnp.ndarray, shape: tuple[int, ...]) -> jnp.ndarray:
     rank = len(shape)
     nb = xb.ndim - 2 * rank
     merged = [xb.shape[nb + 2 * i] * xb.shape[nb + 2 * i + 1] for i in range(rank)]
-    x = xb.reshape(*xb.shape[:nb], *merged)
+    x = xb
+    for i in range(rank):
+        at = nb + i
+        x = x.reshape(*x.shape[:at], x.shape[at] * x.shape[at + 1], *x.shape[at + 2 :])
     if tuple(merged) != tuple(shape):
         x = x[(Ellipsis, *(slice(0, s) for s in shape))]
     return x

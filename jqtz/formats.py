@@ -185,11 +185,17 @@ class LookupFormat(Format):
     def encode(self, scaled):
         levels = np.asarray(self.table, np.float32)
         midpoints = jnp.asarray((levels[1:] + levels[:-1]) / 2)
-        # Values exactly on a midpoint go to the upper level (searchsorted side="left").
-        return jnp.searchsorted(midpoints, scaled.astype(jnp.float32)).astype(jnp.uint8)
+        # The number of midpoints at or below x is its level index, so values exactly on a
+        # midpoint go to the upper level. (A compare-and-count rather than searchsorted, which
+        # jax rejects on inputs with explicit sharding.)
+        x = scaled.astype(jnp.float32)[..., None]
+        return jnp.sum(x >= midpoints, axis=-1, dtype=jnp.int32).astype(jnp.uint8)
 
     def decode(self, codes):
-        return jnp.asarray(self.table, jnp.float32)[codes.astype(jnp.int32)]
+        # A select over the 16 levels rather than a gather, for the same sharding reason.
+        levels = jnp.asarray(self.table, jnp.float32)
+        onehot = codes.astype(jnp.int32)[..., None] == jnp.arange(len(self.table))
+        return jnp.sum(jnp.where(onehot, levels, 0.0), axis=-1)
 
     def levels(self):
         return np.asarray(self.table, np.float32)

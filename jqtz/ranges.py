@@ -122,7 +122,7 @@ def choose_qparams(x: jax.Array, spec: QuantSpec, block: tuple[int, ...]):
     # A constant block (all zero included) round-trips exactly with scale |c| and code ±1.
     const = raw_lo == raw_hi
     c = jnp.abs(raw_lo)
-    scale = jnp.where(const, jnp.where(c > 0, c, 1.0).astype(scale.dtype), scale)
+    scale = jnp.where(const, _round_up(jnp.where(c > 0, c, 1.0), scale.dtype), scale)
     if zero is not None:
         zero = jnp.where(const, (raw_lo < 0).astype(zero.dtype), zero)
     return scale, zero

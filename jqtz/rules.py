@@ -32,8 +32,8 @@ from jqtz.spec import QuantSpec
 
 # (kind, regex searched in the path): kept in full precision unless a rule says force=True.
 DEFAULT_KEEP: tuple[tuple[str, str], ...] = (
-    ("embedding", r"(?i)(^|/)[^/]*(embed|wte|wpe)[^/]*(/|$)"),
     ("output head", r"(?i)(^|/)(lm_head|unembed\w*|output_head|head)(/|$)"),
+    ("embedding", r"(?i)(^|/)[^/]*(embed|wte|wpe)[^/]*(/|$)"),
     ("norm", r"(?i)(^|/)([^/]*norm[^/]*|ln(_\w*|\d*))(/|$)"),
     ("bias", r"(?i)(^|/)bias$"),
 )
@@ -187,12 +187,14 @@ def plan(params, rules) -> Plan:
         shape, dtype = tuple(np.shape(leaf)), np.dtype(getattr(leaf, "dtype", np.float32))
         idx = next((i for i, r in enumerate(rules) if r.matches(path)), None)
         protected = default_keep_reason(path, shape, dtype)
+        if idx is not None:
+            matched[idx] += 1
         if isinstance(leaf, QArray):
             d = Decision(path, leaf.shape, np.dtype(leaf.dtype), None, "already quantized", idx)
         elif idx is None:
-            d = Decision(path, shape, dtype, None, "no rule matched", None)
+            reason = f"kept by default: {protected}" if protected else "no rule matched"
+            d = Decision(path, shape, dtype, None, reason, None)
         else:
-            matched[idx] += 1
             rule = rules[idx]
             if rule.spec is None:
                 d = Decision(path, shape, dtype, None, f"rule {idx}: keep", idx)

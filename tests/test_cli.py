@@ -1,0 +1,176 @@
+"""Tests for the `jqtz` command, run in-process on stories260K: quantize -> inspect -> eval ->
+generate, JSON output, and user errors (exit status 2, one line, no traceback)."""
+
+import json
+import math
+import pathlib
+
+import pytest
+
+from jqtz.cli import main
+
+
+@pytest.fixture(scope="module")
+def stories(shared_data):
+    return str(shared_data / "stories260K.bin")
+
+
+@pytest.fixture(scope="module")
+def q4(stories, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q4") / "model"
+    assert main(["quantize", stories, "--bits", "4", "--group-size", "32", "--out", str(out)]) == 0
+    return out
+
+
+def run_json(capsys, argv):
+    capsys.readouterr()
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_quantize_writes_folder_and_report(q4, capsys):
+    assert (q4 / "jqtz.json").is_file() and (q4 / "tokenizer.model").is_file()
+    manifest = json.loads((q4 / "jqtz.json").read_text())
+    assert manifest["kind"] == "llama" and manifest["report"]["bytes_after"] > 0
+    assert len(manifest["qarrays"]) == 5 * 7  # q, k, v, o, gate, up, down in 5 layers
+
+
+@pytest.mark.parametrize(
+    "name, options, fmt",
+    [
+        ("int8_channel", ["--bits", "8", "--group-size", "0"], "int8"),
+        (
+            "int4_asym_g32_bf16",
+            ["--asymmetric", "--group-size", "32", "--scale-dtype", "bfloat16"],
+            "uint4",
+        ),
+        ("nf4_dq", ["--method", "nf4", "--group-size", "32", "--double-quant"], "nf4"),
+        ("fp8", ["--method", "fp8", "--bits", "8", "--group-size", "0"], "fp8_e4m3"),
+    ],
+)
+def test_quantize_json_formats(stories, tmp_path, capsys, name, options, fmt):
+    out = run_json(capsys, ["quantize", stories, *options, "--out", str(tmp_path / name)])
+    report = out["report"]
+    assert report["bytes_after"] < report["bytes_before"]
+    kernels = [p for p in report["params"] if p["path"].endswith("/kernel")]
+    assert kernels and all(p["action"].startswith(fmt) for p in kernels)
+    assert all(p["rel_error"] < 0.5 for p in kernels)
+    info = run_json(capsys, ["inspect", str(tmp_path / name)])
+    assert {p["format"] for p in info["params"] if p["path"].endswith("/kernel")} == {fmt}
+
+
+def test_inspect_table(q4, capsys):
+    assert main(["inspect", str(q4)]) == 0
+    text = capsys.readouterr().out
+    assert "params/layers_0/mlp/down_proj/kernel" in text and "int4" in text
+    assert "the same tree in bf16" in text
+
+
+def test_eval_perplexity_close_to_baseline(q4, capsys):
+    out = run_json(capsys, ["eval", str(q4), "--ctx", "128", "--windows", "2"])
+    assert out["n_windows"] == 2 and out["ctx"] == 128
+    assert math.isfinite(out["perplexity"])
+    base = out["baseline"]["perplexity"]
+    assert base < out["perplexity"] < 2.0 * base
+
+
+def test_eval_text_file_on_original(stories, shared_data, capsys):
+    text = str(shared_data / "tinystories_sample.txt")
+    out = run_json(capsys, ["eval", stories, "--text", text, "--ctx", "128", "--windows", "2"])
+    assert out["perplexity"] < 20  # stories260K on TinyStories text
+    assert "baseline" not in out  # the original model has none
+
+
+def test_generate_greedy(q4, capsys):
+    out = run_json(
+        capsys, ["generate", str(q4), "--prompt", "Once upon a time", "--max-new-tokens", "16"]
+    )
+    assert 0 < len(out["tokens"]) <= 16 and out["completion"].strip()
+    assert (
+        main(["generate", str(q4), "--prompt", "Once upon a time", "--max-new-tokens", "16"]) == 0
+    )
+    assert capsys.readouterr().out.startswith("Once upon a time" + out["completion"])
+
+
+# -- user errors -------------------------------------------------------------------------------
+
+
+def assert_user_error(capsys, argv, pattern):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert pattern in err, err
+
+
+def test_unknown_model_name(capsys, tmp_path):
+    assert_user_error(
+        capsys, ["quantize", "llama-70b", "--out", str(tmp_path / "o")], "smollm2-135m"
+    )
+
+
+def test_missing_tokenizer_for_llama2c(capsys, tmp_path, stories):
+    lone = tmp_path / "model.bin"
+    lone.write_bytes(pathlib.Path(stories).read_bytes())
+    assert_user_error(capsys, ["generate", str(lone), "--prompt", "hi"], "tok512.model")
+
+
+def test_corrupt_manifest(capsys, tmp_path):
+    (tmp_path / "jqtz.json").write_text("{oops")
+    assert_user_error(capsys, ["inspect", str(tmp_path)], "jqtz.json: not valid JSON")
+    assert_user_error(capsys, ["eval", str(tmp_path)], "jqtz.json: not valid JSON")
+
+
+def test_missing_folder(capsys, tmp_path):
+    assert_user_error(capsys, ["inspect", str(tmp_path / "nope")], "is not a folder")
+
+
+def test_bad_options(capsys, stories, tmp_path, q4):
+    out = str(tmp_path / "o")
+    assert_user_error(capsys, ["quantize", stories, "--method", "gptq", "--out", out], "rtn")
+    assert_user_error(
+        capsys, ["quantize", stories, "--format", "nf4", "--bits", "8", "--out", out], "nf4"
+    )
+    assert_user_error(capsys, ["quantize", str(q4), "--out", out], "already quantized")
+    assert_user_error(capsys, ["eval", str(q4), "--ctx", "4096"], "--ctx 4096")
+    assert_user_error(
+        capsys, ["generate", str(q4), "--prompt", "hi", "--max-new-tokens", "5000"], "at most"
+    )
+
+
+def test_argparse_errors_exit_2():
+    with pytest.raises(SystemExit) as info:
+        main(["quantize"])
+    assert info.value.code == 2
+
+
+# -- real models (slow) ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_end_to_end(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    out = tmp_path / "smol"
+    run_json(
+        capsys,
+        ["quantize", "smollm2-135m", "--asymmetric", "--group-size", "32", "--out", str(out)],
+    )
+    result = run_json(capsys, ["eval", str(out), "--ctx", "256", "--windows", "2"])
+    # The baseline is the dequantized Q4_1 GGUF (asymmetric blocks of 32), so asymmetric int4
+    # g32 nearly reproduces it; symmetric int4 g64 measured 31.5 vs 20.4 here.
+    assert result["perplexity"] < 1.2 * result["baseline"]["perplexity"]
+    gen = run_json(
+        capsys,
+        ["generate", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "8"],
+    )
+    assert gen["tokens"]
+
+
+@pytest.mark.slow
+def test_minilm_end_to_end(tmp_path, capsys):
+    out = tmp_path / "minilm"
+    run_json(
+        capsys, ["quantize", "minilm-l6", "--bits", "8", "--group-size", "0", "--out", str(out)]
+    )
+    result = run_json(capsys, ["eval", str(out), "--sentences", "32"])
+    assert result["embedding_fidelity"]["mean_cosine"] > 0.99
