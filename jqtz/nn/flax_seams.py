@@ -9,10 +9,11 @@ Three layers, from always-on to opt-in:
    parameter's shape against its initializer, and the packed codes of sub-byte formats fail that
    check, so linen models with int4/int3/int2/nf4 leaves run under `quantized_ops()`.
 2. **linen: `with jqtz.nn.quantized_ops():`** a scoped `flax.linen.intercept_methods` that routes
-   `nn.Dense`, `nn.DenseGeneral` and `nn.Embed` whose parameters are `QArray`s through
-   `jqtz.nn.dot_general` / `take_rows`: quantized activations (W8A8 int8, FP8) and, on GPUs, the
-   Pallas kernels. It intercepts only linen module methods inside the `with` block; JAX itself is
-   never patched, so nothing leaks into other code (Pallas kernels included).
+   `nn.Dense`, `nn.DenseGeneral`, `nn.Einsum` and `nn.Embed` whose parameters are `QArray`s
+   through `jqtz.nn.dot_general` / `take_rows` (Einsum dequantizes its kernel at use):
+   quantized activations (W8A8 int8, FP8) and, on GPUs, the Pallas kernels. It intercepts only
+   linen module methods inside the `with` block; JAX itself is never patched, so nothing leaks
+   into other code (Pallas kernels included).
 3. **NNX: `jqtz.nn.use_quantized_ops(model)`** sets the `dot_general` / `promote_dtype` seam that
    `nnx.Linear` exposes, on the modules whose kernels are `QArray`s (no weights are copied or
    cloned). Models that build their layers with `dot_general=jqtz.nn.dot_general,
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from jqtz.nn.ops import dot_general, promote_dtype, take_rows
+from jqtz.nn.ops import dot_general, promote_dtype, quantize_input, take_rows
 from jqtz.qarray import QArray
 
 
@@ -74,6 +75,27 @@ def _dense_general(module: nn.DenseGeneral, params, x):
     return y
 
 
+def _einsum(module: nn.Einsum, params, x, einsum_str=None):
+    einsum_str = (einsum_str or module.einsum_str).replace(" ", "")
+    kernel, bias = params["kernel"], params.get("bias")
+    dtype = _compute_dtype(module, x, kernel, bias)
+    x = jnp.asarray(x, dtype)
+    if kernel.act is not None:  # no einsum on codes: simulate the activation quantization
+        x = quantize_input(x, kernel).dequantize(dtype)
+    w = kernel.dequantize(dtype)
+    y = jnp.einsum(
+        einsum_str,
+        x,
+        w,
+        precision=module.precision,
+        preferred_element_type=module.preferred_element_type,
+    )
+    if bias is not None:
+        _, broadcast_shape = module._get_bias_shape(einsum_str, x, w)
+        y = y + jnp.reshape(jnp.asarray(bias, y.dtype), broadcast_shape)
+    return y
+
+
 def _embed_call(module: nn.Embed, params, ids):
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(f"nn.Embed input must be integers, got {ids.dtype}")
@@ -98,6 +120,7 @@ _HANDLERS = {
     (nn.Dense, "__call__"): ("kernel", _dense),
     (nn.Embed, "setup"): ("embedding", _skip_setup),
     (nn.DenseGeneral, "__call__"): ("kernel", _dense_general),
+    (nn.Einsum, "__call__"): ("kernel", _einsum),
     (nn.Embed, "__call__"): ("embedding", _embed_call),
     (nn.Embed, "attend"): ("embedding", _embed_attend),
 }

@@ -65,7 +65,8 @@ def dot_general(
     return _with_quantized_activations(lhs, rhs, dimension_numbers, out_dtype, kwargs)
 
 
-def _quantize_input(x, rhs: QArray):
+def quantize_input(x, rhs: QArray) -> QArray:
+    """`x` quantized as `rhs.act` says (dynamic, or with the static `rhs.act_scale`)."""
     spec = rhs.act
     block = spec.block_shape_for(x.shape)
     scale = zero = None
@@ -92,7 +93,7 @@ def _native_pair(a: formats.Format, w: formats.Format):
 
 def _with_quantized_activations(lhs, rhs: QArray, dn, out_dtype, kwargs):
     (lc, rc), (lb, rb) = dn
-    qx = _quantize_input(lhs, rhs)
+    qx = quantize_input(lhs, rhs)
     acc_dtype = _native_pair(qx.format, rhs.format)
     # Scales must be constant along the contraction, so they factor out of the sum.
     x_ok = all(qx.block_shape[d] == lhs.shape[d] for d in lc)

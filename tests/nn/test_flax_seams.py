@@ -120,3 +120,55 @@ def test_nnx_fallback_and_seam():
     assert _rel(got, want) < 0.03
     # The quantized state was not copied: the module holds the very same buffers.
     assert qmodel.l1.kernel.get_value().qvalue is qstate["l1"]["kernel"].get_value().qvalue
+
+
+class EinsumModel(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Einsum((4, 16, 8), "btd,dhk->bthk", name="heads")(x)
+
+
+@pytest.mark.parametrize("spec", [W4, W8A8], ids=["w4-g32", "w8a8"])
+def test_linen_einsum(spec):
+    model = EinsumModel()
+    x = jax.random.normal(jax.random.key(1), (2, 3, 4))
+    params = model.init(jax.random.key(0), x)
+    q = jqtz.quantize_params(
+        params, jqtz.QuantSpec(**{**spec.__dict__, "group_size": None, "granularity": "channel"})
+    )
+    with jqtz.nn.quantized_ops():
+        got = jax.jit(model.apply)(q, x)
+    assert got.shape == (2, 3, 16, 8)
+    assert _rel(got, model.apply(params, x)) < 0.2
+
+
+class NNXZoo(nnx.Module):
+    """Every NNX layer the issue names, on the __jax_array__ fallback."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(50, 32, rngs=rngs)
+        self.general = nnx.LinearGeneral(32, (4, 8), rngs=rngs)
+        self.einsum = nnx.Einsum("btd,dk->btk", (32, 16), rngs=rngs)
+        self.linear = nnx.Linear(16, 8, rngs=rngs)
+
+    def __call__(self, ids):
+        x = self.embed(ids)
+        x = self.general(x).reshape(*ids.shape, 32)
+        return self.linear(self.einsum(x))
+
+
+def test_nnx_layers_run_on_packed_quantized_state():
+    model = NNXZoo(nnx.Rngs(0))
+    want = model(IDS)
+    graphdef, state = nnx.split(model)
+    qstate = jqtz.quantize_params(
+        state,
+        [jqtz.Rule(".*(kernel|embedding)", jqtz.QuantSpec(format="int4", axis=0), force=True)],
+    )
+    assert (
+        sum(isinstance(x, jqtz.QArray) for x in jax.tree.leaves(qstate, is_leaf=jqtz.is_qarray))
+        == 4
+    )
+    got = nnx.jit(lambda m, i: m(i))(nnx.merge(graphdef, qstate), IDS)
+    assert got.shape == want.shape
+    assert 0 < _rel(got, want) < 0.5
