@@ -49,6 +49,9 @@ class QArray:
       act: how the other operand of a matrix product with this array is quantized (a
         `QuantSpec`; None: weight-only), from `QuantSpec.activation` (static).
       act_scale: static (calibrated) activation scales; None means dynamic ranges.
+      perm: int32 `[shape[0]]` or None. When set (GPTQ's act-order), the codes hold the rows
+        `perm` of the logical array, in that order, so that groups along axis 0 are contiguous
+        in processing order; `dequantize` puts the rows back (`g_idx[perm[j]] = j // group`).
     """
 
     qvalue: jax.Array
@@ -60,6 +63,7 @@ class QArray:
     dtype: np.dtype
     act: QuantSpec | None = None
     act_scale: jax.Array | None = None
+    perm: jax.Array | None = None
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -85,8 +89,9 @@ class QArray:
             if isinstance(self.scale, QArray)
             else self.scale.size * (self.scale.dtype.itemsize)
         )
-        if self.zero_point is not None:
-            n += self.zero_point.size * self.zero_point.dtype.itemsize
+        for extra in (self.zero_point, self.perm):
+            if extra is not None:
+                n += extra.size * extra.dtype.itemsize
         return int(n)
 
     @property
@@ -141,7 +146,11 @@ class QArray:
         if self.zero_point is not None:
             vb = vb - _blocks.expand(self.zero_point.astype(jnp.float32), rank)
         xb = vb * _blocks.expand(self.scale_values(), rank)
-        return _blocks.from_blocks(xb, self.shape).astype(dtype or self.dtype)
+        x = _blocks.from_blocks(xb, self.shape)
+        if self.perm is not None:  # stored row j is logical row perm[j]
+            axis = x.ndim - rank
+            x = jnp.take(x, jnp.argsort(self.perm), axis=axis)
+        return x.astype(dtype or self.dtype)
 
     def validate(self) -> QArray:
         """Check the invariants in the module docstring; returns self.
@@ -187,6 +196,14 @@ class QArray:
                 f"QArray.zero_point shape must equal the scale shape {sshape}, "
                 f"got {self.zero_point.shape}"
             )
+        if self.perm is not None:
+            if self.ndim < 1 or tuple(self.perm.shape[-1:]) != self.shape[:1]:
+                raise ValueError(
+                    f"QArray.perm must have shape ({self.shape[0] if self.shape else 0},), "
+                    f"got {self.perm.shape}"
+                )
+            if not jnp.issubdtype(self.perm.dtype, jnp.integer):
+                raise ValueError(f"QArray.perm must be integer, got {self.perm.dtype}")
         if isinstance(self.scale, QArray):
             self.scale.validate()
         return self
@@ -194,7 +211,7 @@ class QArray:
 
 jax.tree_util.register_dataclass(
     QArray,
-    data_fields=["qvalue", "scale", "zero_point", "act_scale"],
+    data_fields=["qvalue", "scale", "zero_point", "act_scale", "perm"],
     meta_fields=["format", "shape", "block_shape", "dtype", "act"],
 )
 

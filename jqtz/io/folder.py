@@ -67,7 +67,7 @@ _CONFIGS = {"llama": LlamaConfig, "bert": BertConfig}
 _RAW_BITS = {1: np.uint8, 2: np.uint16}
 _NATIVE = {"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
            "float16", "float32", "float64"}  # fmt: skip
-_QFIELDS = ("qvalue", "scale", "zero_point", "act_scale")
+_QFIELDS = ("qvalue", "scale", "zero_point", "act_scale", "perm")
 
 
 def is_quantized_folder(path: os.PathLike | str) -> bool:
@@ -443,6 +443,7 @@ def _get_qarray(arrays: dict, key: str, meta: dict, m: _Manifest) -> QArray:
         dtype=dtype,
         act=act,
         act_scale=field("act_scale"),
+        perm=field("perm"),
     )
     try:
         return q.validate()

@@ -98,7 +98,7 @@ def _with_quantized_activations(lhs, rhs: QArray, dn, out_dtype, kwargs):
     # Scales must be constant along the contraction, so they factor out of the sum.
     x_ok = all(qx.block_shape[d] == lhs.shape[d] for d in lc)
     w_ok = all(rhs.block_shape[d] == rhs.shape[d] for d in rc)
-    unary = not isinstance(rhs.scale, QArray) and rhs.zero_point is None
+    unary = not isinstance(rhs.scale, QArray) and rhs.zero_point is None and rhs.perm is None
     if acc_dtype is None or lb or rb or not (x_ok and w_ok and unary) or rhs.batch_shape:
         y = jax.lax.dot_general(
             qx.dequantize(jnp.float32),
@@ -129,7 +129,7 @@ def promote_dtype(args, /, *, dtype=None, inexact=True):
 
 def take_rows(table: QArray, ids: jax.Array, dtype=None) -> jax.Array:
     """`table[ids]` for a quantized `[rows, features]` table, dequantizing only those rows."""
-    if table.ndim != 2 or table.batch_shape:
+    if table.ndim != 2 or table.batch_shape or table.perm is not None:
         return jnp.take(table.dequantize(dtype), ids, axis=0)
     flat = ids.reshape(-1)
     srow = flat // table.block_shape[0]
