@@ -37,7 +37,7 @@ ACCEPTED = (
     "a .gguf file, a Hugging Face folder with config.json, a llama2.c .bin checkpoint, a jqtz "
     f"folder with jqtz.json, or one of: {', '.join(PACKAGED)}"
 )
-METHODS = ("rtn", "nf4", "fp8")
+METHODS = ("rtn", "nf4", "fp8", "gptq", "awq", "smoothquant", "llm_int8")
 DEFAULT_WINDOWS = 32
 DEFAULT_SENTENCES = 64
 
@@ -247,6 +247,41 @@ def _wrap(wrapped: bool, name: str, subtree):
     return {"params": {name: subtree}} if wrapped else {name: subtree}
 
 
+CALIBRATED = ("gptq", "awq", "smoothquant", "llm_int8")
+
+
+def _calibrated(model, args, spec):
+    """A calibrated method through `jqtz.ptq` (Llama models): (params, report, rules)."""
+    import jqtz
+    from jqtz import ptq
+
+    if model.kind != "llama":
+        raise UserError(
+            f"`--method {args.method}` from the command line supports causal LMs; quantize BERT "
+            "models with jqtz.ptq.quantize_model(..., bert_layout(config), ...)"
+        )
+    if args.method in ("smoothquant", "llm_int8"):
+        spec = None  # W8A8 specs of the method
+    text = _load_text(args.calib)
+    tokens = ptq.calibration_tokens(
+        text, model.tokenizer, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed
+    )
+    recipe = ptq.Recipe(method=args.method, spec=spec)
+    layout = ptq.llama_layout(model.config)
+    n_layers = len(layout.linear_paths())
+    with Progress(f"{args.method}", n_layers, enabled=not args.json) as bar:
+
+        def progress(block, n_blocks, record):
+            loss = "" if record.loss is None else f" loss {record.loss:.4g}"
+            bar.update(note=f"block {block + 1}/{n_blocks} {record.path.split('/', 2)[2]}{loss}")
+
+        qparams, report = ptq.quantize_model(
+            model.params, layout, tokens, recipe, progress=progress
+        )
+    rules = [jqtz.Rule(f"(?:{'|'.join(layout.linear_paths())})", recipe.spec)]
+    return qparams, report, rules
+
+
 def cmd_quantize(args) -> int:
     import jqtz
     from jqtz.io import folder as folder_io
@@ -258,7 +293,11 @@ def cmd_quantize(args) -> int:
     if model.quantized_folder is not None:
         raise UserError(f"MODEL `{args.model}` is already quantized; quantize the original model")
     rules = [jqtz.Rule(r".*/kernel", spec)]
-    qparams = _quantize_tree(model.params, rules, quiet=args.json)
+    ptq_report = None
+    if args.method in CALIBRATED:
+        qparams, ptq_report, rules = _calibrated(model, args, spec)
+    else:
+        qparams = _quantize_tree(model.params, rules, quiet=args.json)
     report = jqtz.quantization_report(model.params, qparams, rules)
     out = folder_io.save_quantized(
         args.out,
@@ -271,10 +310,20 @@ def cmd_quantize(args) -> int:
     )
     memory = jqtz.memory_report(qparams)
     if args.json:
+        extra = {} if ptq_report is None else {"calibration": ptq_report.to_dict()}
         _print_json(
-            {"out": str(out), "spec": str(spec), "report": report.to_dict(), **_mem(memory)}
+            {
+                "out": str(out),
+                "spec": str(spec),
+                "report": report.to_dict(),
+                **_mem(memory),
+                **extra,
+            }
         )
     else:
+        if ptq_report is not None:
+            print(ptq_report)
+            print()
         print(report)
         print()
         print(memory)
@@ -623,9 +672,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--method",
         default="rtn",
-        help="rtn (round to nearest), nf4 (QLoRA NormalFloat4) or fp8 (e4m3); GPTQ, AWQ and "
-        "SmoothQuant come later (default: rtn)",
+        help="rtn (round to nearest), nf4 (QLoRA NormalFloat4), fp8 (e4m3 weights), gptq, awq, "
+        "smoothquant (W8A8) or llm_int8 (the last four calibrate block by block; default: rtn)",
     )
+    q.add_argument("--calib", help="calibration text file (default: Python's documentation)")
+    q.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
+    q.add_argument("--seq-len", type=int, default=512, help="tokens per sample (default 512)")
+    q.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     q.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="default: 4")
     q.add_argument(
         "--group-size", type=int, default=128, help="group length; 0 for per channel (default 128)"
