@@ -1,1 +1,13 @@
-"""Pallas GPU kernels for quantized matrix products and attention."""
+"""Pallas GPU kernels for quantized matrix products and attention.
+
+One file per kernel (kernel, pure-jnp `reference`, frozen `TuningConfig` with H100 defaults,
+`can_use`, and a `main()` benchmark: `python -m pallas_kernels.w4a16 --bench`):
+
+- `w4a16`: weight-only int4/uint4/int8/uint8 x bf16/f16, group-wise scales and zero points.
+- `w8a8`: int8 x int8 -> int32 and fp8 e4m3 x e4m3 -> f32 with per-token/per-channel or
+  128-block scales.
+
+`dispatch.maybe_matmul(x, w)` is the entry point for `jqtz.nn.ops`: a kernel result where
+`can_use` holds, None (keep the XLA path) otherwise. docs/kernels.md explains the lowering
+choice (Pallas Triton), the error bounds the tests use, and what is not done yet.
+"""

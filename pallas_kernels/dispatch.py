@@ -1,0 +1,110 @@
+"""Where `jqtz.nn.ops.dot_general` meets the kernels: use one when it applies, else say None.
+
+`maybe_matmul(x, w)` returns `x @ w` computed by a Pallas kernel when that kernel's `can_use`
+holds (an NVIDIA GPU backend, supported format, shapes and dtypes), and None otherwise, so that
+the caller keeps its XLA path:
+
+    y = dispatch.maybe_matmul(x, qw)
+    if y is None:
+        y = <the XLA product>
+
+Only contractions of the last axis of `x` with axis 0 of a 2-D weight `[K, N]` are offered
+(what flax `Dense`/`nnx.Linear` do). Weights whose K or N is not aligned to the kernel's tiles
+would need a copy on every call; `prepare_weight` makes that copy once at load time, and
+`maybe_matmul` accepts its result as well as a `QArray`.
+
+Example:
+  >>> import jax, jax.numpy as jnp, jqtz
+  >>> from pallas_kernels import dispatch
+  >>> qw = jqtz.quantize(jnp.ones((128, 128)), jqtz.QuantSpec(format="int4", group_size=64,
+  ...                                                        granularity="group"))
+  >>> dispatch.maybe_matmul(jnp.ones((1, 128), jnp.bfloat16), qw) is None  # on a CPU
+  True
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import w4a16, w8a8
+
+_W8A8_CODES = {"int8": jnp.int8, "fp8_e4m3": jnp.float8_e4m3fn}
+
+
+def prepare_weight(qarray):
+    """The kernel layout of `qarray` (a `w4a16.PackedWeight`), or `qarray` unchanged.
+
+    Call once at load time, e.g. `jax.tree.map(prepare_weight, params, is_leaf=is_qarray)`, for
+    weights whose shapes are not aligned; aligned ones need nothing (`w4a16.is_aligned`).
+    """
+    if w4a16.supports_qarray(qarray) is None:
+        return w4a16.prepare(qarray)
+    return qarray
+
+
+def _w8a8_codes(w):
+    """The code dtype when `w` is a W8A8 QArray the w8a8 kernel covers, else None.
+
+    Covered: symmetric int8 or fp8_e4m3 weights with one scale per output channel, and dynamic
+    symmetric per-token activations of the same format.
+    """
+    from jqtz.qarray import QArray
+
+    if not isinstance(w, QArray) or w.act is None or w.ndim != 2 or w.batch_shape:
+        return None
+    act = w.act
+    ok = (
+        w.format.name in _W8A8_CODES
+        and act.format == w.format.name
+        and act.symmetric
+        and act.granularity == "channel"
+        and act.axis in (-1, 1)
+        and w.act_scale is None
+        and w.block_shape == (w.shape[0], 1)
+        and w.zero_point is None
+        and w.perm is None
+        and not isinstance(w.scale, QArray)
+        and act.outlier_threshold is None
+    )
+    return _W8A8_CODES[w.format.name] if ok else None
+
+
+def kernel_for(x, w, *, backend: str | None = None, compute_capability=None) -> str | None:
+    """Name of the kernel `maybe_matmul(x, w)` runs ("w4a16", "w8a8"), or None for XLA."""
+    backend = backend or jax.default_backend()
+    kw = dict(backend=backend, compute_capability=compute_capability)
+    if isinstance(w, w4a16.PackedWeight):
+        return "w4a16" if w4a16.can_use(x, w, **kw) else None
+    if w4a16.supports_qarray(w) is None and w4a16.is_aligned(w) and w4a16.can_use(x, w, **kw):
+        return "w4a16"
+    codes = _w8a8_codes(w)
+    if codes is not None and x.ndim >= 1 and jnp.issubdtype(x.dtype, jnp.floating):
+        probe = jax.ShapeDtypeStruct(x.shape, codes)
+        if w8a8.can_use(probe, w.qvalue, **kw):
+            return "w8a8"
+    return None
+
+
+def maybe_matmul(x: jax.Array, w) -> jax.Array | None:
+    """`x [..., K] @ w [K, N]` through a kernel when one applies, else None (use XLA).
+
+    Args:
+      x: activations, contracted over their last axis.
+      w: a `jqtz.QArray` (weight-only int4/uint4/int8/uint8, or W8A8 int8/fp8_e4m3 with
+        per-channel weight and dynamic per-token activation scales) or a `w4a16.PackedWeight`.
+
+    Returns:
+      `[..., N]` in `result_type(x.dtype, w.dtype)` (as `jqtz.nn.dot_general`), or None.
+    """
+    name = kernel_for(x, w)
+    if name is None:
+        return None
+    out_dtype = jnp.result_type(x.dtype, w.dtype)
+    if name == "w8a8":
+        x2 = x.reshape(-1, x.shape[-1])
+        xq, sx = w8a8.quantize_rows(x2, w.qvalue.dtype)
+        y = w8a8.matmul(xq, sx, w.qvalue, w.scale_values(), out_dtype=out_dtype)
+        return y.reshape(*x.shape[:-1], w.shape[1])
+    packed = w if isinstance(w, w4a16.PackedWeight) else w4a16.prepare(w)
+    return w4a16.matmul(x, packed)

@@ -1,0 +1,448 @@
+"""Weight-only quantized matrix product (W4A16 / W8A16) with group-wise scales and zero points.
+
+`y[m, n] = sum_k x[m, k] * (code[k, n] - zero[k // g, n]) * scale[k // g, n]` for a flax kernel
+`W [K, N]` stored as a `jqtz.QArray` (int4/uint4/int8/uint8, groups of `g` along K, or one scale
+per output channel), and bf16/f16 activations `x [M, K]`.
+
+The kernel works group by group: it unpacks one group of codes to 16 bits in registers, takes
+the exact integer-valued product with `x` on the tensor cores (float32 accumulation) and applies
+the group's scale to the `[bm, bn]` partial result, so the scale multiply costs `M*N*K/g`
+instead of `N*K`. Small M (decode, M <= 16) pads M to one 16-row tile and splits K across
+programs so that a GEMV fills the GPU; the partial sums are added by XLA.
+
+Layout: the kernel reads the `QArray`'s own storage (4-bit codes packed two per byte along N,
+two's complement or with uint8 zero points; scales `[ceil(K/g), N]`): each step unpacks the low
+and high nibbles into two half-width products that land on the even and odd output columns.
+`prepare` is free when K is a multiple of the kernel group `kg` (128, 64 or 32, dividing `g`)
+and N of 128; otherwise it pads once (call it at load time). Act-order permutations are applied
+to `x` (a gather of the activations) instead of the weight.
+
+Example:
+  >>> import jax, jax.numpy as jnp, jqtz
+  >>> from pallas_kernels import w4a16
+  >>> w = jax.random.normal(jax.random.key(0), (256, 128))
+  >>> q = jqtz.quantize(w, jqtz.QuantSpec(format="int4", granularity="group", group_size=64))
+  >>> x = jax.random.normal(jax.random.key(1), (3, 256), jnp.bfloat16)
+  >>> lw = w4a16.prepare(q)
+  >>> y = w4a16.matmul(x, lw, interpret=True)  # on a GPU: interpret=False (the default)
+  >>> ref = w4a16.reference(x, lw)
+  >>> bool(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref) < 1e-2)
+  True
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels import common
+
+_KERNEL_GROUPS = (128, 64, 32)
+_ACT_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+_SCALE_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+_N_ALIGN = 128
+#: Largest M that takes the decode (split-K, 16-row tile) path.
+SMALL_M = 16
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TuningConfig:
+    """Block sizes and launch parameters (static under jit).
+
+    Attributes:
+      block_m: rows of `x` per program (16 for decode; 64 or 128 for prefill).
+      block_n: output columns per program (64 or 128; must divide the padded N).
+      split_k: programs that share one output tile along K (partial sums added by XLA).
+      num_warps: Triton warps per program.
+      num_stages: Triton software-pipelining depth.
+    """
+
+    block_m: int = 16
+    block_n: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if not common.is_pow2(v) or v < 16:
+                raise ValueError(f"TuningConfig.{name} must be a power of two >= 16, got {v}")
+        if self.split_k < 1:
+            raise ValueError(f"TuningConfig.split_k must be >= 1, got {self.split_k}")
+
+
+#: Number of SMs on an H100 SXM; decode splits K until about two waves of programs exist.
+H100_SMS = 132
+
+
+def default_config(m: int, n_padded: int, num_groups: int) -> TuningConfig:
+    """H100 defaults (frozen until a GPU run tunes them; see docs/kernels.md)."""
+    if m <= SMALL_M:
+        tiles = n_padded // 128
+        split = max(1, min(num_groups, common.cdiv(2 * H100_SMS, tiles)))
+        return TuningConfig(block_m=16, block_n=128, split_k=split, num_warps=4, num_stages=3)
+    block_m = 64 if m <= 64 else 128
+    return TuningConfig(block_m=block_m, block_n=128, split_k=1, num_warps=8, num_stages=3)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedWeight:
+    """A weight-only `QArray [K, N]` as the kernel reads it: the QArray's own layout, padded.
+
+    Attributes:
+      codes: 4-bit: uint8 `[Kp, Np/2]` packed along N as in `QArray` (column 2j in the low
+        nibble, 2j+1 in the high one; two's complement when `signed`); 8-bit: int8/uint8 `[Kp, Np]`.
+      scale: `[ceil(K/g), Np]` float32/bfloat16/float16: the QArray's scales.
+      zero: uint8 `[ceil(K/g), Np]` zero points, or None for symmetric (signed) codes.
+      perm: int32 `[K]` act-order permutation (stored row j is logical row perm[j]) or None.
+      bits: 4 or 8.  signed: codes are two's complement (no zero points).
+      qgroup: the QArray's group size along K (`K` for one scale per column).
+      group: the kernel group `kg`: rows per inner step, a power of two that divides `qgroup`.
+      k, n: logical shape; `Kp`, `Np` are `k`, `n` rounded up to `group` and to 128.
+      dtype: the QArray's dequantized dtype.
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+    zero: jax.Array | None
+    perm: jax.Array | None
+    bits: int
+    signed: bool
+    qgroup: int
+    group: int
+    k: int
+    n: int
+    dtype: np.dtype
+
+    @property
+    def k_padded(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def n_padded(self) -> int:
+        return self.scale.shape[1]
+
+    @property
+    def num_groups(self) -> int:
+        return self.k_padded // self.group
+
+
+jax.tree_util.register_dataclass(
+    PackedWeight,
+    data_fields=["codes", "scale", "zero", "perm"],
+    meta_fields=["bits", "signed", "qgroup", "group", "k", "n", "dtype"],
+)
+
+
+def kernel_group(shape, block_shape) -> int | None:
+    """Rows per inner step for a `[K, N]` QArray with `block_shape`, or None when unsupported.
+
+    The largest of 128, 64, 32 that divides the QArray's group (so that an inner step never
+    straddles two scales) and, where possible, K (so that no padding is needed).
+    """
+    k, g = shape[0], block_shape[0]
+    if g >= k:  # one scale per column: every kernel group works
+        return next((kg for kg in _KERNEL_GROUPS if k % kg == 0), 32)
+    return next((kg for kg in _KERNEL_GROUPS if g % kg == 0), None)
+
+
+def supports_qarray(qarray) -> str | None:
+    """None when `prepare(qarray)` works, else the reason why not."""
+    from jqtz.qarray import QArray
+
+    if not isinstance(qarray, QArray):
+        return f"not a QArray: {type(qarray).__name__}"
+    fmt = qarray.format
+    if fmt.name not in ("int4", "uint4", "int8", "uint8"):
+        return f"format {fmt.name!r} (supported: int4, uint4, int8, uint8)"
+    if qarray.ndim != 2 or qarray.batch_shape:
+        return f"shape {qarray.shape} with batch {qarray.batch_shape} (need one 2-D [K, N])"
+    if qarray.act is not None:
+        return "quantized activations (use the w8a8 kernel)"
+    if qarray.block_shape[1] != 1:
+        return f"block_shape {qarray.block_shape}: groups must run along K only"
+    if kernel_group(qarray.shape, qarray.block_shape) is None:
+        return f"group size {qarray.block_shape[0]} is not a multiple of 32"
+    return None
+
+
+def is_aligned(qarray) -> bool:
+    """Whether `prepare(qarray)` is free (no padding or repacking: K and N already aligned)."""
+    if supports_qarray(qarray) is not None:
+        return False
+    from jqtz.qarray import QArray
+
+    k, n = qarray.shape
+    kg = kernel_group(qarray.shape, qarray.block_shape)
+    scale_ok = not isinstance(qarray.scale, QArray) and qarray.scale.dtype in _SCALE_DTYPES
+    return k % kg == 0 and n % _N_ALIGN == 0 and scale_ok
+
+
+def prepare(qarray) -> PackedWeight:
+    """The kernel's view of a weight-only `QArray [K, N]`; free when `is_aligned(qarray)`.
+
+    Pads K to the kernel group and N to 128 (copies) only for unaligned shapes; expands
+    double-quantized scales. Do it once at load time for unaligned weights.
+
+    Raises:
+      NotImplementedError: for formats or block shapes the kernel does not cover
+        (`supports_qarray` says which).
+    """
+    from jqtz.qarray import QArray
+
+    why = supports_qarray(qarray)
+    if why is not None:
+        raise NotImplementedError(f"w4a16.prepare: unsupported QArray: {why}")
+    k, n = qarray.shape
+    kg = kernel_group(qarray.shape, qarray.block_shape)
+    bits = qarray.format.bits
+    kp, np_ = common.round_up(k, kg), common.round_up(n, _N_ALIGN)
+    scale = qarray.scale
+    if isinstance(scale, QArray) or scale.dtype not in _SCALE_DTYPES:
+        scale = qarray.scale_values()  # double-quantized scales are expanded here, once
+    scale = common.pad_axis(scale, 1, np_)
+    zero = qarray.zero_point
+    if zero is not None:
+        zero = common.pad_axis(zero.astype(jnp.uint8), 1, np_)
+    codes = common.pad_axis(qarray.qvalue, 0, kp)
+    codes = common.pad_axis(codes, 1, np_ // 2 if bits == 4 else np_)
+    perm = None if qarray.perm is None else qarray.perm.astype(jnp.int32)
+    return PackedWeight(
+        codes,
+        scale,
+        zero,
+        perm,
+        bits,
+        zero is None,
+        min(qarray.block_shape[0], k),
+        kg,
+        k,
+        n,
+        np.dtype(qarray.dtype),
+    )
+
+
+def _kernel(
+    x_ref, codes_ref, scale_ref, *rest, bits, signed, qgroup, kg, num_groups, groups_per_split
+):
+    zero_ref = rest[0] if len(rest) == 2 else None
+    o_ref = rest[-1]
+    bm, bn = o_ref.shape[-2:]
+    start = pl.program_id(2) * groups_per_split
+    stop = jnp.minimum(start + groups_per_split, num_groups)
+    act_dtype = x_ref.dtype
+    # 4-bit codes of columns 2j and 2j+1 share a byte: two half-width products per step, whose
+    # results land on the even and odd output columns (strided stores, once per tile).
+    cols = (
+        [pl.ds(0, bn // 2, stride=2), pl.ds(1, bn // 2, stride=2)] if bits == 4 else [slice(None)]
+    )
+
+    def dequant(codes, srow, c):
+        """Codes of one step (kg, width) -> (code - zero) in the activation dtype (exact)."""
+        v = codes.astype(jnp.float32)
+        if zero_ref is not None:
+            v = v - zero_ref[pl.ds(srow, 1), c].astype(jnp.float32)
+        elif bits == 4:  # two's complement nibble, read unsigned: biased by 8
+            v = v - 8.0
+        return v.astype(act_dtype)
+
+    def body(gi, accs):
+        srow = gi * kg // qgroup
+        xg = x_ref[:, pl.ds(gi * kg, kg)]  # (bm, kg)
+        b = codes_ref[pl.ds(gi * kg, kg), :]  # (kg, bn/2) uint8 or (kg, bn)
+        if bits == 4:
+            lo, hi = b & 0xF, b >> 4
+            if signed:
+                lo, hi = lo ^ 8, hi ^ 8
+            parts = (lo, hi)
+        else:
+            parts = (b,)
+        out = []
+        for acc, codes, c in zip(accs, parts, cols, strict=True):
+            p = jnp.dot(xg, dequant(codes, srow, c), preferred_element_type=jnp.float32)
+            out.append(acc + p * scale_ref[pl.ds(srow, 1), c].astype(jnp.float32))
+        return tuple(out)
+
+    width = bn // len(cols)
+    init = tuple(jnp.zeros((bm, width), jnp.float32) for _ in cols)
+    accs = jax.lax.fori_loop(start, stop, body, init)
+    for acc, c in zip(accs, cols, strict=True):
+        o_ref[:, c] = acc.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "out_dtype"))
+def matmul(
+    x: jax.Array,
+    w: PackedWeight,
+    *,
+    config: TuningConfig | None = None,
+    out_dtype=None,
+    interpret: bool = False,
+) -> jax.Array:
+    """`x [..., K] @ W [K, N]` for a `PackedWeight` W; returns `[..., N]` in `out_dtype`.
+
+    Args:
+      x: bf16 or f16 activations.
+      w: the weight from `prepare`.
+      config: tuning; None picks `default_config` for the shapes.
+      out_dtype: default `result_type(x.dtype, w.dtype)` (what `jqtz.nn.dot_general` returns).
+      interpret: run the Pallas interpreter (CPU tests) instead of compiling for the GPU.
+    """
+    if x.shape[-1] != w.k:
+        raise ValueError(f"`x` has {x.shape[-1]} input features, the weight expects {w.k}")
+    if np.dtype(x.dtype) not in _ACT_DTYPES:
+        raise TypeError(f"`x` must be bfloat16 or float16, got {x.dtype}")
+    out_dtype = np.dtype(out_dtype or jnp.result_type(x.dtype, w.dtype))
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.k)
+    if w.perm is not None:
+        x2 = jnp.take(x2, w.perm, axis=1)
+    m = x2.shape[0]
+    cfg = config or default_config(m, w.n_padded, w.num_groups)
+    if w.n_padded % cfg.block_n:
+        raise ValueError(f"block_n={cfg.block_n} must divide the padded N {w.n_padded}")
+    mp = common.round_up(m, cfg.block_m)
+    x2 = common.pad_axis(common.pad_axis(x2, 1, w.k_padded), 0, mp)
+    split = min(cfg.split_k, w.num_groups)
+    per_split = common.cdiv(w.num_groups, split)
+    split = common.cdiv(w.num_groups, per_split)
+    grid = (mp // cfg.block_m, w.n_padded // cfg.block_n, split)
+    code_cols = cfg.block_n // 2 if w.bits == 4 else cfg.block_n
+    srows = w.scale.shape[0]
+    in_specs = [
+        pl.BlockSpec((cfg.block_m, w.k_padded), lambda i, j, s: (i, 0)),
+        pl.BlockSpec((w.k_padded, code_cols), lambda i, j, s: (0, j)),
+        pl.BlockSpec((srows, cfg.block_n), lambda i, j, s: (0, j)),
+    ]
+    args = [x2, w.codes, w.scale]
+    if w.zero is not None:
+        in_specs.append(pl.BlockSpec((srows, cfg.block_n), lambda i, j, s: (0, j)))
+        args.append(w.zero)
+    part_dtype = out_dtype if split == 1 else jnp.float32
+    out = pl.pallas_call(
+        functools.partial(
+            _kernel,
+            bits=w.bits,
+            signed=w.signed,
+            qgroup=w.qgroup,
+            kg=w.group,
+            num_groups=w.num_groups,
+            groups_per_split=per_split,
+        ),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, cfg.block_m, cfg.block_n), lambda i, j, s: (s, i, j)),
+        out_shape=jax.ShapeDtypeStruct((split, mp, w.n_padded), part_dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=f"w{w.bits}a16_g{w.qgroup}",
+    )(*args)
+    y = out[0] if split == 1 else out.sum(axis=0)
+    return y[:m, : w.n].astype(out_dtype).reshape(*lead, w.n)
+
+
+def dequantize(w: PackedWeight) -> jax.Array:
+    """The float32 weight `[K, N]` in stored row order (before undoing `perm`)."""
+    codes = w.codes
+    if w.bits == 4:
+        lo, hi = codes & 0xF, codes >> 4
+        codes = jnp.stack([lo, hi], axis=-1).reshape(w.k_padded, w.n_padded).astype(jnp.int32)
+        if w.signed:
+            codes = jnp.where(codes >= 8, codes - 16, codes)
+    rows = jnp.arange(w.k_padded) // w.qgroup
+    vals = codes.astype(jnp.float32)
+    if w.zero is not None:
+        vals = vals - w.zero.astype(jnp.float32)[rows]
+    vals = vals * w.scale.astype(jnp.float32)[rows]
+    return vals[: w.k, : w.n]
+
+
+def reference(x: jax.Array, w: PackedWeight) -> jax.Array:
+    """Pure-jnp reference: float32 product of `x` with the dequantized weight."""
+    xf = x.reshape(-1, w.k).astype(jnp.float32)
+    if w.perm is not None:
+        xf = jnp.take(xf, w.perm, axis=1)
+    y = jnp.dot(xf, dequantize(w), precision=jax.lax.Precision.HIGHEST)
+    return y.reshape(*x.shape[:-1], w.n)
+
+
+def can_use(x, w, *, backend: str | None = None, compute_capability=None) -> bool:
+    """Whether `matmul(x, w)` should run on the GPU for these operands.
+
+    Args:
+      x: activations (array or ShapeDtypeStruct): bf16/f16, last axis K.
+      w: a `PackedWeight` or a QArray (checked with `supports_qarray`).
+      backend: default `jax.default_backend()`.
+      compute_capability: (major, minor); default the first device's. Needs >= 8.0 (Ampere):
+        bf16 tensor-core dots in Triton.
+    """
+    backend = backend or jax.default_backend()
+    if backend != "gpu":
+        return False
+    cc = compute_capability or common.gpu_compute_capability()
+    if cc is None or tuple(cc) < (8, 0):
+        return False
+    if not isinstance(w, PackedWeight) and supports_qarray(w) is not None:
+        return False
+    k = w.k if isinstance(w, PackedWeight) else w.shape[0]
+    return np.dtype(x.dtype) in _ACT_DTYPES and x.ndim >= 1 and x.shape[-1] == k
+
+
+# -- benchmark -------------------------------------------------------------------------------
+
+
+def _bench(bits: int, shapes, ms, group: int) -> None:
+    import jqtz
+
+    bw = common.measure_copy_bandwidth()
+    print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, copy {bw / 1e9:.0f} GB/s")
+    print(
+        f"{'M':>5} {'N':>6} {'K':>6} {'kernel us':>10} {'bf16 us':>9} {'speedup':>8} "
+        f"{'GB/s':>7} {'roofline':>8}"
+    )
+    fmt = "int4" if bits == 4 else "int8"
+    for n, k in shapes:
+        w = jax.random.normal(jax.random.key(0), (k, n), jnp.float32)
+        q = jqtz.quantize(w, jqtz.QuantSpec(format=fmt, granularity="group", group_size=group))
+        pw = jax.block_until_ready(prepare(q))
+        wb = w.astype(jnp.bfloat16)
+        for m in ms:
+            x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
+            t = common.time_fn(matmul, x, pw)
+            tb = common.time_fn(jax.jit(jnp.dot), x, wb)
+            moved = pw.codes.nbytes + pw.scale.nbytes + 2 * (m * k + m * n)
+            moved += 0 if pw.zero is None else pw.zero.nbytes
+            gbs = moved / t / 1e9
+            print(
+                f"{m:5d} {n:6d} {k:6d} {t * 1e6:10.1f} {tb * 1e6:9.1f} {tb / t:8.2f} "
+                f"{gbs:7.0f} {moved / t / bw:8.2f}"
+            )
+
+
+def main(argv=None) -> int:
+    """`python -m pallas_kernels.w4a16 --bench`: kernel vs the bf16 XLA product on a GPU."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", action="store_true", help="time the kernel on the GPU")
+    parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    parser.add_argument("--group", type=int, default=128)
+    args = parser.parse_args(argv)
+    if not args.bench:
+        parser.print_help()
+        return 0
+    if not common.require_gpu_or_exit("w4a16"):
+        return 0
+    shapes = [(8192, 8192), (14336, 4096), (4096, 14336)]
+    _bench(args.bits, shapes, (1, 4, 16, 64, 256), args.group)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,252 @@
+"""W8A8 matrix products on the codes: INT8 x INT8 -> INT32 and FP8 e4m3 x e4m3 -> FP32.
+
+`y[m, n] = sum_kb sx[m, kb] * sw[kb, n] * sum_{k in block kb} xq[m, k] * wq[k, n]`
+
+- `kb` runs over K blocks of `scale_block` rows: one block (`scale_block = K`) for per-token
+  activation x per-channel weight scales (and per-tensor scales, broadcast), where both scales
+  are applied once in the epilogue; 128 for DeepSeek-V3-style 1x128 activation groups and
+  128x128 weight blocks, where each block's partial product is scaled as it is accumulated.
+- The codes are multiplied on the tensor cores exactly (int32 accumulation for int8; float32
+  for e4m3) and scaled in float32.
+
+Activations are quantized by XLA before the call (`quantize_rows`, per token, symmetric, which
+XLA can fuse into the producer of `x`). The weight is `[K, N]` (flax layout): the Triton
+lowering takes either operand order, so no transposed copy is kept.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from pallas_kernels import w8a8
+  >>> x = jax.random.normal(jax.random.key(0), (4, 256))
+  >>> w = jax.random.normal(jax.random.key(1), (256, 128))
+  >>> wq, sw = w8a8.quantize_cols(w, jnp.int8)
+  >>> xq, sx = w8a8.quantize_rows(x, jnp.int8)
+  >>> y = w8a8.matmul(xq, sx, wq, sw, interpret=True)
+  >>> bool(jnp.linalg.norm(y - x @ w) / jnp.linalg.norm(x @ w) < 0.02)
+  True
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels import common
+
+_CODE_DTYPES = {np.dtype(jnp.int8): 127.0, np.dtype(jnp.float8_e4m3fn): 448.0}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TuningConfig:
+    """Block sizes and launch parameters (static under jit); H100 defaults for M >= 128."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 128
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if not common.is_pow2(v) or v < 16:
+                raise ValueError(f"TuningConfig.{name} must be a power of two >= 16, got {v}")
+
+
+def default_config(m: int) -> TuningConfig:
+    """H100 defaults (frozen until a GPU run tunes them): 16-row tiles for decode."""
+    if m <= 16:
+        return TuningConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+    if m <= 64:
+        return TuningConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4)
+    return TuningConfig()
+
+
+def quantize_rows(x: jax.Array, dtype, block: int | None = None):
+    """Symmetric per-row (per-token) codes of `x [M, K]`, or per `1 x block` group.
+
+    Returns `(codes [M, K], scales float32 [M, K/block])` (`[M, 1]` when `block` is None).
+    """
+    m, k = x.shape
+    block = block or k
+    xb = x.astype(jnp.float32).reshape(m, -1, block)
+    qmax = _CODE_DTYPES[np.dtype(dtype)]
+    scale = jnp.max(jnp.abs(xb), axis=-1, keepdims=True) / qmax
+    scale = jnp.where(scale == 0, 1.0, scale)
+    v = jnp.clip(xb / scale, -qmax, qmax)
+    v = jnp.round(v) if np.dtype(dtype) == np.dtype(jnp.int8) else v
+    return v.astype(dtype).reshape(m, k), scale[..., 0]
+
+
+def quantize_cols(w: jax.Array, dtype, block: int | None = None):
+    """Symmetric per-column codes of `w [K, N]`, or per `block x block` tile.
+
+    Returns `(codes [K, N], scales float32 [K/block, N])` (`[1, N]` when `block` is None); block
+    scales are repeated along N so the kernel reads one row of scales per K block.
+    """
+    k, n = w.shape
+    if block is None:
+        qmax = _CODE_DTYPES[np.dtype(dtype)]
+        scale = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=0, keepdims=True) / qmax
+        scale = jnp.where(scale == 0, 1.0, scale)
+        v = jnp.clip(w / scale, -qmax, qmax)
+        v = jnp.round(v) if np.dtype(dtype) == np.dtype(jnp.int8) else v
+        return v.astype(dtype), scale
+    t = w.astype(jnp.float32).reshape(k // block, block, n // block, block)
+    qmax = _CODE_DTYPES[np.dtype(dtype)]
+    scale = jnp.max(jnp.abs(t), axis=(1, 3), keepdims=True) / qmax
+    scale = jnp.where(scale == 0, 1.0, scale)
+    v = jnp.clip(t / scale, -qmax, qmax)
+    v = jnp.round(v) if np.dtype(dtype) == np.dtype(jnp.int8) else v
+    codes = v.astype(dtype).reshape(k, n)
+    return codes, jnp.repeat(scale[:, 0, :, 0], block, axis=1)
+
+
+def _kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, num_k, k_per_scale, acc_dtype):
+    bm, bn = o_ref.shape
+    bk = x_ref.shape[1] // num_k if num_k else 0
+    per_block = k_per_scale > 0  # scales change along K: apply them every step
+
+    def body(ki, acc):
+        xq = x_ref[:, pl.ds(ki * bk, bk)]
+        wq = w_ref[pl.ds(ki * bk, bk), :]
+        part = jnp.dot(xq, wq, preferred_element_type=acc_dtype).astype(jnp.float32)
+        if per_block:
+            kb = ki // k_per_scale
+            part = part * sx_ref[:, pl.ds(kb, 1)] * sw_ref[pl.ds(kb, 1), :]
+        return acc + part
+
+    acc = jax.lax.fori_loop(0, num_k, body, jnp.zeros((bm, bn), jnp.float32))
+    if not per_block:
+        acc = acc * sx_ref[...] * sw_ref[...]
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "out_dtype", "interpret"))
+def matmul(
+    xq: jax.Array,
+    sx: jax.Array,
+    wq: jax.Array,
+    sw: jax.Array,
+    *,
+    config: TuningConfig | None = None,
+    out_dtype=jnp.bfloat16,
+    interpret: bool = False,
+) -> jax.Array:
+    """`(xq * sx) @ (wq * sw)` on the codes; see the module docstring for the scale shapes.
+
+    Args:
+      xq: int8 or float8_e4m3fn `[M, K]`.
+      sx: float32 `[M, 1]` (per token) or `[M, K/128]` (1x128 groups); `[1, 1]` per tensor.
+      wq: the same code dtype, `[K, N]`.
+      sw: float32 `[1, N]` (per channel) or `[K/128, N]` (128x128 blocks, repeated along N).
+    """
+    m, k = xq.shape
+    k2, n = wq.shape
+    if k != k2 or xq.dtype != wq.dtype or np.dtype(xq.dtype) not in _CODE_DTYPES:
+        raise ValueError(
+            f"`xq` {xq.shape} {xq.dtype} and `wq` {wq.shape} {wq.dtype} must share K and a code "
+            "dtype (int8 or float8_e4m3fn)"
+        )
+    kb = sx.shape[1]
+    if sw.shape[0] != kb or k % kb or (kb > 1 and k // kb != 128):
+        raise ValueError(
+            f"scales `sx` {sx.shape} and `sw` {sw.shape} must both have 1 or K/128 blocks along K"
+        )
+    cfg = config or default_config(m)
+    bk = min(cfg.block_k, max(16, 1 << (k - 1).bit_length())) if kb == 1 else 128
+    sx = jnp.broadcast_to(sx.astype(jnp.float32), (m, kb))
+    sw = jnp.broadcast_to(sw.astype(jnp.float32), (kb, n))
+    mp, np_, kp = (
+        common.round_up(m, cfg.block_m),
+        common.round_up(n, cfg.block_n),
+        common.round_up(k, bk),
+    )
+    xq = common.pad_axis(common.pad_axis(xq, 1, kp), 0, mp)
+    wq = common.pad_axis(common.pad_axis(wq, 0, kp), 1, np_)
+    sx = common.pad_axis(sx, 0, mp, 1.0)
+    sw = common.pad_axis(sw, 1, np_, 1.0)
+    acc_dtype = jnp.int32 if xq.dtype == jnp.int8 else jnp.float32
+    out = pl.pallas_call(
+        functools.partial(
+            _kernel, num_k=kp // bk, k_per_scale=(128 // bk if kb > 1 else 0), acc_dtype=acc_dtype
+        ),
+        grid=(mp // cfg.block_m, np_ // cfg.block_n),
+        in_specs=[
+            pl.BlockSpec((cfg.block_m, kp), lambda i, j: (i, 0)),
+            pl.BlockSpec((cfg.block_m, kb), lambda i, j: (i, 0)),
+            pl.BlockSpec((kp, cfg.block_n), lambda i, j: (0, j)),
+            pl.BlockSpec((kb, cfg.block_n), lambda i, j: (0, j)),
+        ],
+        out_specs=pl.BlockSpec((cfg.block_m, cfg.block_n), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=f"w8a8_{np.dtype(xq.dtype).name}",
+    )(xq, sx, wq, sw)
+    return out[:m, :n]
+
+
+def reference(xq, sx, wq, sw, *, out_dtype=jnp.bfloat16) -> jax.Array:
+    """Pure-jnp reference: dequantize both operands in float32 and multiply."""
+    m, k = xq.shape
+    kb = sx.shape[1]
+    x = xq.astype(jnp.float32) * jnp.repeat(jnp.broadcast_to(sx, (m, kb)), k // kb, axis=1)
+    w = wq.astype(jnp.float32) * jnp.repeat(sw, k // sw.shape[0], axis=0)
+    return jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST).astype(out_dtype)
+
+
+def can_use(xq, wq, *, backend: str | None = None, compute_capability=None) -> bool:
+    """Whether `matmul` should run on the GPU: int8 needs sm_80+, e4m3 needs sm_89+."""
+    backend = backend or jax.default_backend()
+    if backend != "gpu":
+        return False
+    cc = compute_capability or common.gpu_compute_capability()
+    if cc is None:
+        return False
+    dt = np.dtype(xq.dtype)
+    if dt != np.dtype(wq.dtype) or dt not in _CODE_DTYPES:
+        return False
+    need = (8, 9) if dt == np.dtype(jnp.float8_e4m3fn) else (8, 0)
+    return tuple(cc) >= need and xq.shape[-1] == wq.shape[0]
+
+
+def main(argv=None) -> int:
+    """`python -m pallas_kernels.w8a8 --bench`: INT8/FP8 vs the bf16 XLA product on a GPU."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", action="store_true", help="time the kernel on the GPU")
+    args = parser.parse_args(argv)
+    if not args.bench:
+        parser.print_help()
+        return 0
+    if not common.require_gpu_or_exit("w8a8"):
+        return 0
+    print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print(
+        f"{'dtype':>6} {'M':>5} {'N':>6} {'K':>6} {'kernel us':>10} {'bf16 us':>9} "
+        f"{'speedup':>8} {'TFLOP/s':>8}"
+    )
+    for n, k in [(8192, 8192), (14336, 4096), (4096, 14336)]:
+        w = jax.random.normal(jax.random.key(0), (k, n), jnp.float32)
+        for dtype in (jnp.int8, jnp.float8_e4m3fn):
+            wq, sw = quantize_cols(w, dtype)
+            for m in (1024, 4096):
+                x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
+                xq, sx = quantize_rows(x, dtype)
+                t = common.time_fn(matmul, xq, sx, wq, sw)
+                tb = common.time_fn(jax.jit(jnp.dot), x, w.astype(jnp.bfloat16))
+                print(
+                    f"{np.dtype(dtype).name[:6]:>6} {m:5d} {n:6d} {k:6d} {t * 1e6:10.1f} "
+                    f"{tb * 1e6:9.1f} {tb / t:8.2f} {2 * m * n * k / t / 1e12:8.1f}"
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""W4A16 / W8A16 kernel: interpret mode vs the reference, CUDA lowering, can_use and dispatch."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jqtz
+from pallas_kernels import common, dispatch, w4a16
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _qweight(k, n, fmt="int4", group=128, symmetric=True, seed=0, **spec):
+    w = jax.random.normal(jax.random.key(seed), (k, n), jnp.float32)
+    gran = (
+        dict(granularity="channel")
+        if group is None
+        else dict(granularity="group", group_size=group)
+    )
+    return jqtz.quantize(w, jqtz.QuantSpec(format=fmt, symmetric=symmetric, **gran, **spec))
+
+
+# name: (M, K, N, format, group, symmetric, extra QuantSpec fields)
+CASES = {
+    "int4_g128_m1": (1, 256, 128, "int4", 128, True, {}),
+    "int4_g64_m4_asym": (4, 256, 256, "int4", 64, False, {}),
+    "int4_g32_m16": (16, 128, 128, "int4", 32, True, {}),
+    "int4_single_group": (3, 64, 128, "int4", 64, True, {}),
+    "int4_partial_group_k300": (2, 300, 128, "int4", 128, False, {}),
+    "int4_n200_ragged": (5, 128, 200, "int4", 64, True, {}),
+    "int4_odd_n129": (1, 64, 129, "int4", 32, False, {}),
+    "int4_channel": (2, 192, 128, "int4", None, True, {}),
+    "int4_double_quant": (2, 256, 128, "int4", 64, True, {"double_quant": True}),
+    "int4_large_m": (80, 128, 256, "int4", 64, False, {}),
+    "int8_g32_asym": (9, 96, 128, "int8", 32, False, {}),
+    "int8_channel_large_m": (65, 128, 128, "int8", None, True, {}),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpret_matches_reference(name):
+    m, k, n, fmt, group, sym, extra = CASES[name]
+    qw = _qweight(k, n, fmt, group, sym, seed=len(name), **extra)
+    x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+    pw = w4a16.prepare(qw)
+    y = w4a16.matmul(x, pw, interpret=True)
+    assert y.shape == (m, n) and y.dtype == jnp.float32
+    # Exact integer-valued bf16 products with float32 accumulation: only summation order
+    # differs from the float32 reference.
+    ref = w4a16.reference(x, pw)
+    assert _rel(y, ref) < 1e-5
+    # The reference itself is the QArray's own dequantization.
+    direct = x.astype(jnp.float32) @ qw.dequantize(jnp.float32)
+    assert _rel(ref, direct) < 1e-6
+
+
+def test_bf16_output_and_batch_dims():
+    qw = _qweight(256, 128, "int4", 64, False)
+    x = jax.random.normal(jax.random.key(3), (2, 3, 256), jnp.bfloat16)
+    pw = w4a16.prepare(qw)
+    y = w4a16.matmul(x, pw, out_dtype=jnp.bfloat16, interpret=True)
+    assert y.shape == (2, 3, 128) and y.dtype == jnp.bfloat16
+    assert _rel(y, w4a16.reference(x, pw)) < 8e-3  # one bf16 rounding of the output
+
+
+def test_matches_xla_dot_general():
+    """Against jqtz's XLA path, which rounds the dequantized weight to bf16 first."""
+    qw = _qweight(512, 256, "int4", 128, True, scale_dtype="bfloat16")
+    x = jax.random.normal(jax.random.key(4), (4, 512), jnp.bfloat16)
+    y = w4a16.matmul(x, w4a16.prepare(qw), interpret=True)
+    xla = jqtz.nn.dot_general(x, qw, (((1,), (0,)), ((), ())))
+    assert _rel(y, xla) < 1e-2
+
+
+def test_split_k_and_f16_activations():
+    qw = _qweight(512, 128, "int4", 32, False)
+    x = jax.random.normal(jax.random.key(5), (1, 512), jnp.float16)
+    pw = w4a16.prepare(qw)
+    ref = w4a16.reference(x, pw)
+    for split in (1, 3, 16):
+        cfg = w4a16.TuningConfig(block_m=16, block_n=64, split_k=split)
+        y = w4a16.matmul(x, pw, config=cfg, interpret=True)
+        assert _rel(y, ref) < 1e-5, split
+
+
+def test_act_order_perm():
+    k, n = 256, 128
+    qw = _qweight(k, n, "int4", 64, True)
+    perm = jax.random.permutation(jax.random.key(6), k).astype(jnp.int32)
+    qp = jqtz.QArray(
+        qw.qvalue,
+        qw.scale,
+        qw.zero_point,
+        qw.format,
+        qw.shape,
+        qw.block_shape,
+        qw.dtype,
+        perm=perm,
+    ).validate()
+    x = jax.random.normal(jax.random.key(7), (3, k), jnp.bfloat16)
+    y = w4a16.matmul(x, w4a16.prepare(qp), interpret=True)
+    assert _rel(y, x.astype(jnp.float32) @ qp.dequantize(jnp.float32)) < 1e-5
+
+
+def test_prepare_is_free_when_aligned():
+    qw = _qweight(256, 256, "int4", 128, False, scale_dtype="bfloat16")
+    assert w4a16.is_aligned(qw)
+    pw = w4a16.prepare(qw)
+    assert pw.codes is qw.qvalue and pw.scale is qw.scale and pw.zero is qw.zero_point
+    assert not w4a16.is_aligned(_qweight(300, 256, "int4", 128))
+
+
+def test_unsupported_formats_raise():
+    for fmt, extra in (("nf4", {}), ("int3", {}), ("fp8_e4m3", {})):
+        qw = _qweight(128, 128, fmt, 64, True, **extra)
+        assert w4a16.supports_qarray(qw) is not None
+        with pytest.raises(NotImplementedError, match=fmt):
+            w4a16.prepare(qw)
+    qw = _qweight(144, 128, "int4", 48, True)  # group 48: not a multiple of 32
+    assert "48" in w4a16.supports_qarray(qw)
+
+
+def test_bad_inputs():
+    pw = w4a16.prepare(_qweight(128, 128))
+    with pytest.raises(ValueError, match="input features"):
+        w4a16.matmul(jnp.ones((1, 64), jnp.bfloat16), pw, interpret=True)
+    with pytest.raises(TypeError, match="bfloat16"):
+        w4a16.matmul(jnp.ones((1, 128), jnp.float32), pw, interpret=True)
+    with pytest.raises(ValueError, match="power of two"):
+        w4a16.TuningConfig(block_n=96)
+
+
+# -- CUDA lowering (no GPU needed) -------------------------------------------------------------
+
+LOWER_CASES = {
+    "int4_g128_m1_decode": (1, 4096, 1024, "int4", 128, True),
+    "int4_g32_asym_m16": (16, 256, 256, "int4", 32, False),
+    "int4_ragged_m100": (100, 300, 200, "int4", 64, False),
+    "int8_g128_m256": (256, 512, 256, "int8", 128, True),
+    "uint8_channel_m8": (8, 256, 128, "int8", None, False),
+}
+
+
+@pytest.mark.parametrize("name", list(LOWER_CASES))
+def test_lowers_for_cuda(name):
+    m, k, n, fmt, group, sym = LOWER_CASES[name]
+    pw = w4a16.prepare(_qweight(k, n, fmt, group, sym, scale_dtype="bfloat16"))
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    text = common.lower_for_cuda(functools.partial(w4a16.matmul, out_dtype=jnp.bfloat16), x, pw)
+    assert common.TRITON_CUSTOM_CALL in text
+    assert "mosaic_gpu" not in text
+
+
+# -- can_use and dispatch ----------------------------------------------------------------------
+
+
+def test_can_use():
+    qw = _qweight(256, 128, "int4", 128, True)
+    x = jax.ShapeDtypeStruct((1, 256), jnp.bfloat16)
+    h100 = dict(backend="gpu", compute_capability=(9, 0))
+    assert w4a16.can_use(x, qw, **h100)
+    assert w4a16.can_use(x, w4a16.prepare(qw), **h100)
+    assert not w4a16.can_use(x, qw)  # the CPU backend of this test run
+    assert not w4a16.can_use(x, qw, backend="cpu")
+    assert not w4a16.can_use(x, qw, backend="gpu", compute_capability=(7, 5))
+    assert not w4a16.can_use(jax.ShapeDtypeStruct((1, 256), jnp.float32), qw, **h100)
+    assert not w4a16.can_use(jax.ShapeDtypeStruct((1, 128), jnp.bfloat16), qw, **h100)
+    assert not w4a16.can_use(x, _qweight(256, 128, "nf4", 64), **h100)
+
+
+def test_dispatch_choice_and_fallback():
+    aligned = _qweight(256, 128, "int4", 128, True)
+    ragged = _qweight(300, 128, "int4", 128, True)
+    x = jnp.ones((2, 256), jnp.bfloat16)
+    h100 = dict(backend="gpu", compute_capability=(9, 0))
+    assert dispatch.kernel_for(x, aligned, **h100) == "w4a16"
+    # Unaligned weights would be copied on every call: only after prepare_weight.
+    xr = jax.ShapeDtypeStruct((2, 300), jnp.bfloat16)
+    assert dispatch.kernel_for(xr, ragged, **h100) is None
+    assert dispatch.kernel_for(xr, dispatch.prepare_weight(ragged), **h100) == "w4a16"
+    assert dispatch.kernel_for(x, aligned, backend="cpu") is None
+    assert dispatch.prepare_weight(jnp.ones((2, 2))).shape == (2, 2)  # non-QArrays unchanged
+    # On this CPU machine the XLA path is always kept.
+    assert dispatch.maybe_matmul(x, aligned) is None
+    assert dispatch.maybe_matmul(xr, dispatch.prepare_weight(ragged)) is None
+
+
+def test_bench_entry_point_without_gpu(capsys):
+    assert w4a16.main(["--bench"]) == 0
+    assert "no GPU" in capsys.readouterr().out

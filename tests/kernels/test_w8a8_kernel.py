@@ -1,0 +1,123 @@
+"""W8A8 INT8 / FP8 kernel: interpret mode vs the reference, CUDA lowering, can_use, dispatch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jqtz
+from pallas_kernels import common, dispatch, w8a8
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+FP8 = jnp.float8_e4m3fn
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# name: (code dtype, M, K, N, scale block along K (None: per token / per channel))
+CASES = {
+    "int8_token_channel_m1": (jnp.int8, 1, 256, 128, None),
+    "int8_ragged_m33_k200_n96": (jnp.int8, 33, 200, 96, None),
+    "int8_block128": (jnp.int8, 20, 256, 256, 128),
+    "fp8_token_channel_m1": (FP8, 1, 256, 128, None),
+    "fp8_block128": (FP8, 20, 256, 256, 128),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpret_matches_reference(name):
+    dtype, m, k, n, block = CASES[name]
+    x = jax.random.normal(jax.random.key(m), (m, k))
+    w = jax.random.normal(jax.random.key(k), (k, n))
+    xq, sx = w8a8.quantize_rows(x, dtype, block)
+    wq, sw = w8a8.quantize_cols(w, dtype, block)
+    y = w8a8.matmul(xq, sx, wq, sw, out_dtype=jnp.float32, interpret=True)
+    assert y.shape == (m, n)
+    # Exact products of the codes (int32, or float32 for e4m3 products of 4-bit mantissas);
+    # only the order of the float32 scale/accumulate steps differs from the reference.
+    assert _rel(y, w8a8.reference(xq, sx, wq, sw, out_dtype=jnp.float32)) < 1e-5
+    # Against the unquantized product: int8 ~1%, e4m3 (3 mantissa bits) ~4%.
+    assert _rel(y, x @ w) < (0.02 if dtype == jnp.int8 else 0.06)
+
+
+def test_per_tensor_scales():
+    x = jax.random.normal(jax.random.key(0), (16, 128))
+    w = jax.random.normal(jax.random.key(1), (128, 64))
+    sx, sw = jnp.max(jnp.abs(x)) / 448, jnp.max(jnp.abs(w)) / 448
+    xq, wq = (x / sx).astype(FP8), (w / sw).astype(FP8)
+    y = w8a8.matmul(
+        xq, sx.reshape(1, 1), wq, sw.reshape(1, 1), out_dtype=jnp.float32, interpret=True
+    )
+    ref = w8a8.reference(
+        xq, jnp.full((16, 1), sx), wq, jnp.full((1, 64), sw), out_dtype=jnp.float32
+    )
+    assert _rel(y, ref) < 1e-5
+
+
+def test_bad_inputs():
+    xq = jnp.zeros((4, 128), jnp.int8)
+    with pytest.raises(ValueError, match="code"):
+        w8a8.matmul(xq, jnp.ones((4, 1)), jnp.zeros((128, 64), FP8), jnp.ones((1, 64)))
+    with pytest.raises(ValueError, match="blocks"):
+        w8a8.matmul(xq, jnp.ones((4, 2)), jnp.zeros((128, 64), jnp.int8), jnp.ones((1, 64)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, FP8], ids=["int8", "fp8"])
+@pytest.mark.parametrize("m", [1, 1024], ids=["m1", "m1024"])
+def test_lowers_for_cuda(dtype, m):
+    k, n = 512, 256
+    args = (
+        jax.ShapeDtypeStruct((m, k), dtype),
+        jax.ShapeDtypeStruct((m, 1), jnp.float32),
+        jax.ShapeDtypeStruct((k, n), dtype),
+        jax.ShapeDtypeStruct((1, n), jnp.float32),
+    )
+    assert common.TRITON_CUSTOM_CALL in common.lower_for_cuda(w8a8.matmul, *args)
+
+
+def test_can_use():
+    i8 = jax.ShapeDtypeStruct((4, 128), jnp.int8)
+    w8 = jax.ShapeDtypeStruct((128, 64), jnp.int8)
+    f8 = jax.ShapeDtypeStruct((4, 128), FP8)
+    wf8 = jax.ShapeDtypeStruct((128, 64), FP8)
+    assert w8a8.can_use(i8, w8, backend="gpu", compute_capability=(8, 0))
+    assert w8a8.can_use(f8, wf8, backend="gpu", compute_capability=(9, 0))
+    assert not w8a8.can_use(f8, wf8, backend="gpu", compute_capability=(8, 0))  # no fp8 MMA
+    assert not w8a8.can_use(i8, wf8, backend="gpu", compute_capability=(9, 0))
+    assert not w8a8.can_use(i8, w8)  # CPU
+
+
+def test_dispatch_w8a8():
+    act = jqtz.QuantSpec(format="int8", granularity="channel", axis=-1)
+    w = jax.random.normal(jax.random.key(0), (128, 64))
+    qw = jqtz.quantize(w, jqtz.QuantSpec(format="int8", activation=act))
+    x = jnp.ones((2, 128), jnp.bfloat16)
+    h100 = dict(backend="gpu", compute_capability=(9, 0))
+    assert dispatch.kernel_for(x, qw, **h100) == "w8a8"
+    assert dispatch.kernel_for(x, qw, backend="cpu") is None
+    assert dispatch.maybe_matmul(x, qw) is None  # CPU: XLA path
+    group = jqtz.quantize(
+        w, jqtz.QuantSpec(format="int8", granularity="group", group_size=32, activation=act)
+    )
+    assert dispatch.kernel_for(x, group, **h100) is None  # scales vary along K
+
+
+def test_bench_entry_point_without_gpu(capsys):
+    assert w8a8.main(["--bench"]) == 0
+    assert "no GPU" in capsys.readouterr().out
+
+
+def test_kernel_on_qarray_matches_xla_dot_general():
+    """What `maybe_matmul` computes on a GPU for a W8A8 QArray, against jqtz's XLA path."""
+    act = jqtz.QuantSpec(format="int8", granularity="channel", axis=-1)
+    w = jax.random.normal(jax.random.key(2), (256, 128))
+    qw = jqtz.quantize(w, jqtz.QuantSpec(format="int8", activation=act))
+    x = jax.random.normal(jax.random.key(3), (5, 256), jnp.bfloat16)
+    xq, sx = w8a8.quantize_rows(x, jnp.int8)
+    y = w8a8.matmul(xq, sx, qw.qvalue, qw.scale_values(), out_dtype=jnp.float32, interpret=True)
+    xla = jqtz.nn.dot_general(x, qw, (((1,), (0,)), ((), ())))
+    assert _rel(y, xla) < 1e-2
