@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Literal
 
 import jax.numpy as jnp
@@ -59,6 +60,10 @@ class QuantSpec:
         the group size (the original GPTQ behaviour); if False that raises a `ValueError`.
       activation: for weights, how the input of their matrix products is quantized at run time
         (e.g. int8 per token for W8A8: `QuantSpec(format="int8", axis=-1)`); None: weight-only.
+      outlier_threshold: on an int8 activation spec only: LLM.int8()'s mixed-precision
+        decomposition. Input features (columns along the contraction) where any |x| of the call
+        exceeds it are multiplied in floating point with the dequantized weight rows, the rest
+        in int8 (Dettmers et al. use 6.0). None: every feature is quantized.
     """
 
     format: str = "int8"
@@ -76,6 +81,7 @@ class QuantSpec:
     double_quant: bool = False
     allow_partial_groups: bool = True
     activation: QuantSpec | None = None
+    outlier_threshold: float | None = None
 
     def __post_init__(self):
         if isinstance(self.format, formats.Format):
@@ -149,6 +155,25 @@ class QuantSpec:
                     "activation specs take a format, granularity and axis only (clipping='max', "
                     "no double_quant, no nested activation)"
                 )
+        self._check_outlier_threshold()
+
+    def _check_outlier_threshold(self):
+        t = self.outlier_threshold
+        if t is None:
+            return
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 < t < float("inf"):
+            raise ValueError(f"`outlier_threshold` must be a positive finite number, got {t!r}")
+        object.__setattr__(self, "outlier_threshold", float(t))
+        if self.activation is not None:
+            raise ValueError(
+                "`outlier_threshold` belongs on the activation spec, not on the weight spec: "
+                "use `activation=QuantSpec(format='int8', axis=-1, outlier_threshold=...)`"
+            )
+        if self.format != "int8" or not self.symmetric:
+            raise NotImplementedError(
+                f"`outlier_threshold` with format={self.format!r}, symmetric={self.symmetric}: "
+                "LLM.int8() decomposition needs symmetric int8 activations"
+            )
 
     @property
     def storage_format(self) -> formats.Format:

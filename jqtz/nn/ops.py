@@ -12,6 +12,8 @@ operand may be a `QArray`:
   int8 x int8 -> int32 (FP8 x FP8 -> float32) and both scales are applied to the result. Other
   combinations (group-wise weights, asymmetric ranges) quantize-dequantize both operands and
   multiply in float32, with the same numerics up to summation order.
+- LLM.int8() (`rhs.act.outlier_threshold` set): input features with an |x| above the threshold
+  are multiplied in floating point with the dequantized weight, the rest as above; summed.
 
 This is the seam that GPU kernels plug into: the XLA path here is the fallback everywhere.
 
@@ -73,9 +75,10 @@ def quantize_input(x, rhs: QArray) -> QArray:
     if rhs.act_scale is not None:
         from jqtz import _blocks
 
-        scale = jnp.broadcast_to(rhs.act_scale, _blocks.num_blocks(x.shape, block)).astype(
-            spec.scale_dtype
-        )
+        scale = rhs.act_scale
+        if scale.size == 1:  # per tensor: calibrated on inputs of any rank, e.g. (1, 1, 1)
+            scale = scale.reshape(())
+        scale = jnp.broadcast_to(scale, _blocks.num_blocks(x.shape, block)).astype(spec.scale_dtype)
         if spec.storage_format.has_zero_point:
             raise NotImplementedError("static activation ranges with zero points")
     return _quantize(x, spec, block, scale, zero, np.dtype(jnp.float32))
@@ -92,6 +95,13 @@ def _native_pair(a: formats.Format, w: formats.Format):
 
 
 def _with_quantized_activations(lhs, rhs: QArray, dn, out_dtype, kwargs):
+    if rhs.act.outlier_threshold is not None:
+        return _llm_int8(lhs, rhs, dn, out_dtype, kwargs)
+    return _quantized_product(lhs, rhs, dn, kwargs).astype(out_dtype)
+
+
+def _quantized_product(lhs, rhs: QArray, dn, kwargs):
+    """float32 product of `lhs` quantized as `rhs.act` says with the quantized `rhs`."""
     (lc, rc), (lb, rb) = dn
     qx = quantize_input(lhs, rhs)
     acc_dtype = _native_pair(qx.format, rhs.format)
@@ -100,20 +110,42 @@ def _with_quantized_activations(lhs, rhs: QArray, dn, out_dtype, kwargs):
     w_ok = all(rhs.block_shape[d] == rhs.shape[d] for d in rc)
     unary = not isinstance(rhs.scale, QArray) and rhs.zero_point is None and rhs.perm is None
     if acc_dtype is None or lb or rb or not (x_ok and w_ok and unary) or rhs.batch_shape:
-        y = jax.lax.dot_general(
+        return jax.lax.dot_general(
             qx.dequantize(jnp.float32),
             rhs.dequantize(jnp.float32),
             dn,
             preferred_element_type=jnp.float32,
             **kwargs,
         )
-        return y.astype(out_dtype)
     acc = jax.lax.dot_general(
         qx.qvalue, rhs.qvalue, dn, preferred_element_type=acc_dtype, **kwargs
     ).astype(jnp.float32)
     sx = jnp.squeeze(qx.scale_values(), axis=lc)  # (lhs free dims)
     sw = jnp.squeeze(rhs.scale_values(), axis=rc)  # (rhs free dims)
-    y = acc * sx.reshape(sx.shape + (1,) * sw.ndim) * sw
+    return acc * sx.reshape(sx.shape + (1,) * sw.ndim) * sw
+
+
+def _llm_int8(lhs, rhs: QArray, dn, out_dtype, kwargs):
+    """LLM.int8(): outlier input features in floating point, the rest quantized; summed.
+
+    A feature (an index along the contraction axes) is an outlier when any |x| over the other
+    axes of this call exceeds `rhs.act.outlier_threshold`. Shapes stay static: both products
+    run over all features, with the other part's columns zeroed (a mask, not a gather), so the
+    quantized part's per-token scales see the inlier features only.
+    """
+    (lc, _), _ = dn
+    others = tuple(d for d in range(lhs.ndim) if d not in lc)
+    outlier = jnp.max(jnp.abs(lhs), axis=others, keepdims=True) > rhs.act.outlier_threshold
+    zero = jnp.zeros((), lhs.dtype)
+    inliers = jnp.where(outlier, zero, lhs)
+    y = _quantized_product(inliers, rhs, dn, kwargs)
+    y = y + jax.lax.dot_general(
+        jnp.where(outlier, lhs, zero),
+        rhs.dequantize(lhs.dtype),
+        dn,
+        preferred_element_type=jnp.float32,
+        **kwargs,
+    )
     return y.astype(out_dtype)
 
 
