@@ -153,7 +153,7 @@ def _fp8(recipe):
     def run(ctx: BlockContext):
         for group in ctx.layout.groups:
             _quantize_linears(ctx, group.linears, "fp8")
-        if recipe.options.mode == "static":
+        if recipe.options.mode == "static-per-tensor":
             _static_activation_scales(ctx)
         return ctx.params
 

@@ -78,11 +78,11 @@ class SmoothQuantOptions:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FP8Options:
-    """FP8: `"dynamic"` (per-channel weights, per-token activations), `"static"` (per-tensor
-    weights and activations, activation scales from calibration) or `"block128"` (128x128 weight
-    blocks, activation groups of 128)."""
+    """FP8 (`jqtz.ptq.fp8.fp8_spec`): `"dynamic-per-token"` (per-channel weights, per-token
+    activations), `"static-per-tensor"` (per-tensor weights and activations, activation scales
+    from calibration) or `"block128"` (128x128 weight blocks, activation groups of 128)."""
 
-    mode: Literal["dynamic", "static", "block128"] = "dynamic"
+    mode: Literal["dynamic-per-token", "static-per-tensor", "block128"] = "dynamic-per-token"
 
 
 _OPTIONS = {
@@ -123,29 +123,9 @@ def default_spec(
         act = QuantSpec(format="int8", granularity="channel", axis=-1, outlier_threshold=6.0)
         return QuantSpec(format="int8", scale_dtype=scale_dtype, activation=act)
     if method == "fp8":
-        mode = options.mode if options is not None else "dynamic"
-        if mode == "static":
-            return QuantSpec(
-                format="fp8_e4m3",
-                granularity="tensor",
-                scale_dtype="float32",
-                activation=QuantSpec(format="fp8_e4m3", granularity="tensor", axis=-1),
-            )
-        if mode == "block128":
-            return QuantSpec(
-                format="fp8_e4m3",
-                granularity="block",
-                block_shape=(128, 128),
-                scale_dtype="float32",
-                activation=QuantSpec(
-                    format="fp8_e4m3", granularity="group", group_size=128, axis=-1
-                ),
-            )
-        return QuantSpec(
-            format="fp8_e4m3",
-            scale_dtype="float32",
-            activation=QuantSpec(format="fp8_e4m3", granularity="channel", axis=-1),
-        )
+        from jqtz.ptq.fp8 import fp8_spec
+
+        return fp8_spec(options.mode if options is not None else "dynamic-per-token")
     if symmetric is None:
         symmetric = method != "awq"
     granularity = "group" if group_size else "channel"

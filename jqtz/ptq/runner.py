@@ -264,7 +264,8 @@ class _Runner:
                             seen[path] = args[0]
                     return next_fun(*args, **kwargs)
 
-                with quantized_ops(), nn.intercept_methods(interceptor):
+                # Outermost, so it sees layers that quantized_ops() then handles itself.
+                with nn.intercept_methods(interceptor), quantized_ops():
                     layout.run_block(block_params, x, aux)
                 out = {}
                 for path, a in seen.items():
