@@ -15,7 +15,9 @@ operand may be a `QArray`:
 - LLM.int8() (`rhs.act.outlier_threshold` set): input features with an |x| above the threshold
   are multiplied in floating point with the dequantized weight, the rest as above; summed.
 
-This is the seam that GPU kernels plug into: the XLA path here is the fallback everywhere.
+This is the seam that GPU kernels plug into: on a GPU, `pallas_kernels.dispatch` runs the Pallas
+kernel where its `can_use` holds (weight-only int4/int8 groups, W8A8 int8/FP8 per channel);
+everywhere else, and always on CPU, the XLA path here runs.
 
 Example:
   >>> import jax, jax.numpy as jnp, jqtz
@@ -58,6 +60,10 @@ def dot_general(
             lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs
         )
     out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
+    if dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2:
+        y = _kernel_matmul(lhs, rhs)
+        if y is not None:
+            return y.astype(out_dtype)
     if rhs.act is None:
         w = rhs.dequantize(lhs.dtype)
         y = jax.lax.dot_general(
@@ -65,6 +71,16 @@ def dot_general(
         )
         return y.astype(out_dtype)
     return _with_quantized_activations(lhs, rhs, dimension_numbers, out_dtype, kwargs)
+
+
+def _kernel_matmul(x, w: QArray):
+    """The Pallas kernel's product where `pallas_kernels.dispatch` has one for this backend,
+    shape and format; None elsewhere (always on CPU), and the XLA path below runs."""
+    if jax.default_backend() != "gpu":
+        return None
+    from pallas_kernels import dispatch  # imported only where a kernel can run
+
+    return dispatch.maybe_matmul(x, w)
 
 
 def quantize_input(x, rhs: QArray) -> QArray:

@@ -108,3 +108,24 @@ def test_take_rows_matches_dequantize_then_gather(spec):
     q = jqtz.quantize(table, spec)
     ids = jnp.array([[0, 49, 7], [7, 3, 22]])
     np.testing.assert_array_equal(take_rows(q, ids), q.dequantize()[ids])
+
+
+def test_gpu_products_go_through_the_kernel_dispatch(monkeypatch):
+    """On a GPU backend the entry point asks `pallas_kernels.dispatch` first and uses its
+    result; where dispatch declines (None) the XLA path runs. On CPU dispatch is never asked."""
+    from pallas_kernels import dispatch
+
+    x, w = _xw()
+    q = jqtz.quantize(w, jqtz.QuantSpec(format="int4", granularity="group", group_size=32))
+    asked = []
+    monkeypatch.setattr(dispatch, "maybe_matmul", lambda x, w: asked.append(w) or None)
+    np.testing.assert_allclose(dot_general(x, q, DN), x @ q.dequantize(), rtol=1e-5, atol=1e-5)
+    assert asked == []  # CPU backend
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    dot_general(x, q, DN)
+    assert asked == [q]  # asked, declined: the XLA result above is what ran
+    monkeypatch.setattr(dispatch, "maybe_matmul", lambda x, w: jnp.full((x.shape[0], 40), 7.0))
+    assert float(dot_general(x, q, DN)[0, 0]) == 7.0
+    # A contraction other than x[..., K] @ w[K, N] never reaches the kernels.
+    y = dot_general(x.T, q, (((0,), (0,)), ((), ())))
+    np.testing.assert_allclose(y, x @ q.dequantize(), rtol=1e-5, atol=1e-5)
