@@ -93,7 +93,8 @@ class GPTQResult:
       loss: float32, the reference's objective `sum_i ||w_i - q_i||^2 / (2 U[i, i]^2)`
         (`= tr((Q - W)^T H_damped (Q - W)) / 2`), the number GPTQ prints as `error`.
       output_error: float32, `tr((Q - W)^T H (Q - W))` with the undamped Hessian: for
-        `H = 2/n x^T x` this is `2/n ||x W - x Q||_F^2`, the layer's output error.
+        `H = 2/n x^T x` this is `2/n ||x W - x Q||_F^2`, the layer's output error (with `Q` in
+        float32, before `dequantize` casts it to the dtype of `w`).
       damp: float32, the damping fraction finally used (NaN under `jit` if every try failed).
       tries: int32, Cholesky factorisations attempted (1 unless damping had to be raised).
       dead: int32, inputs with `H[i, i] == 0` (their rows are quantized as zeros).
@@ -346,20 +347,19 @@ def _run(w, hessian, percdamp, damp_step, max_tries, plan: _Plan):
         gidx = jnp.pad(perm // g, (0, pad))  # group of each processed row
     q, s_tab, z_tab, loss = _sweep(wp, u, s_tab, z_tab, gidx, n, plan)
 
+    loss = 0.5 * loss
     q = q[:n]  # processing order
+    delta = q - w0[perm]
+    out_err = jnp.maximum(2.0 * loss - frac * mean_diag * jnp.sum(delta * delta), 0.0)
+    # Encoding the quantized values against their own scales gives back their codes exactly.
     if plan.dynamic:  # codes stay in processing order, where the groups are contiguous
         ng = _blocks.num_blocks((n, out), plan.block)[0]
-        s_tab = s_tab[:ng]
         z_tab = None if z_tab is None else z_tab[:ng]
-        qarray = _quantize(q, spec, plan.block, s_tab, z_tab, plan.dtype)
+        qarray = _quantize(q, spec, plan.block, s_tab[:ng], z_tab, plan.dtype)
         if plan.act_order:
             qarray = dataclasses.replace(qarray, perm=perm.astype(jnp.int32))
     else:
         qarray = _quantize(q[jnp.argsort(perm)], spec, plan.block, s_tab, z_tab, plan.dtype)
-
-    loss = 0.5 * loss
-    delta = q - w0[perm]
-    out_err = jnp.maximum(2.0 * loss - frac * mean_diag * jnp.sum(delta * delta), 0.0)
     res = GPTQResult(
         qarray=qarray,
         loss=loss,
