@@ -604,6 +604,11 @@ def cmd_generate(args) -> int:
             f"the model's context of {model.config.max_seq_len}; ask for at most {room}"
         )
     eos = getattr(tok, "eos_id", None)
+    cache = {}
+    if args.kv_cache != "float":
+        from jqtz.models.quantized_kv_cache import quantized_cache_factory
+
+        cache = {"cache_factory": quantized_cache_factory(args.kv_cache)}
     start = time.monotonic()
     with Progress("generating", enabled=not args.json), jqtz.nn.quantized_ops():
         tokens = generate(
@@ -614,6 +619,7 @@ def cmd_generate(args) -> int:
             temperature=args.temperature,
             rng=jax.random.key(args.seed),
             eos_id=eos,
+            **cache,
         )
         tokens = np.asarray(tokens[0]).tolist()
     seconds = time.monotonic() - start
@@ -627,6 +633,7 @@ def cmd_generate(args) -> int:
                 "completion": completion,
                 "tokens": tokens,
                 "seconds": seconds,
+                "kv_cache": args.kv_cache,
             }
         )
     else:
@@ -730,6 +737,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--kv-cache",
+        default="float",
+        choices=("float", "int8", "fp8", "int4"),
+        help="KV cache storage: the model's dtype (default), int8 or fp8 per token, or int4 "
+        "KIVI (per-channel keys, per-token values, recent tokens in full precision)",
+    )
     g.set_defaults(func=cmd_generate)
     return parser
 

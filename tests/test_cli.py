@@ -92,6 +92,41 @@ def test_generate_greedy(q4, capsys):
     assert capsys.readouterr().out.startswith("Once upon a time" + out["completion"])
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_generate_with_a_quantized_kv_cache(q4, capsys, kind):
+    argv = ["generate", str(q4), "--prompt", "Once upon a time", "--max-new-tokens", "12"]
+    base = run_json(capsys, argv)
+    out = run_json(capsys, [*argv, "--kv-cache", kind])
+    assert out["kv_cache"] == kind and out["completion"].strip()
+    # int4 keeps the most recent 128 tokens in full precision: this short run is all window.
+    if kind == "int4":
+        assert out["tokens"] == base["tokens"]
+
+
+def test_gptq_from_the_command_line(stories, tmp_path, capsys):
+    out = tmp_path / "gptq"
+    argv = [
+        "quantize",
+        stories,
+        "--method",
+        "gptq",
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--out",
+        str(out),
+    ]
+    result = run_json(capsys, argv)
+    layers = result["calibration"]["layers"]
+    assert len(layers) == 5 * 7 and all(r["method"] == "gptq" for r in layers)
+    assert (out / "jqtz.json").is_file()
+
+
 # -- user errors -------------------------------------------------------------------------------
 
 
