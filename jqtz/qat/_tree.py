@@ -1,0 +1,74 @@
+"""Side trees keyed by parameter path: learned scales and FP8 amax histories.
+
+A side tree holds, for some parameter paths (`"params/layers_0/mlp/up_proj/kernel"`), a small
+dict of named arrays (`{"scale": ..., "zero_point": ...}`). It is stored as nested plain dicts,
+one level per path component, so that optax and orbax see an ordinary pytree, whatever the
+parameter tree is (linen dict, NNX `State`):
+
+    {"params": {"layers_0": {"mlp": {"up_proj": {"kernel": {"scale": Array}}}}}}
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jqtz.qarray import is_qarray
+from jqtz.rules import path_str
+
+
+def nest(entries: dict[str, dict]) -> dict:
+    """`{path: {field: array}}` -> nested dicts, one level per `/`-separated path component."""
+    out: dict = {}
+    for path, fields in entries.items():
+        node = out
+        for key in path.split("/"):
+            node = node.setdefault(key, {})
+        node.update(fields)
+    return out
+
+
+def entries(tree, *, name: str) -> dict[str, dict]:
+    """Inverse of `nest`: `{path: {field: array}}`; `tree` None gives `{}`.
+
+    Raises:
+      TypeError: naming `name`, when `tree` is not a tree of arrays under parameter paths.
+    """
+    if tree is None:
+        return {}
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    out: dict[str, dict] = {}
+    for kp, leaf in flat:
+        path = path_str(kp)
+        if "/" not in path:
+            raise TypeError(
+                f"`{name}` must map parameter paths to dicts of arrays (as "
+                f"`jqtz.qat.init_learned_scales` returns), got a leaf at {path!r}"
+            )
+        param, field = path.rsplit("/", 1)
+        out.setdefault(param, {})[field] = leaf
+    return out
+
+
+def leaves_by_path(params) -> dict:
+    """`{path: leaf}` of a parameter tree (QArrays are leaves)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)
+    return {path_str(kp): leaf for kp, leaf in flat}
+
+
+def check_known(side: dict[str, dict], decisions: dict, *, name: str) -> None:
+    """Every path of a side tree must be a parameter that the rules quantize.
+
+    Raises:
+      ValueError: naming `name` and the path.
+    """
+    for path in side:
+        d = decisions.get(path)
+        if d is None:
+            raise ValueError(
+                f"`{name}` has an entry for {path!r}, which is not a parameter path of `params`"
+            )
+        if d.spec is None:
+            raise ValueError(
+                f"`{name}` has an entry for {path!r}, which the rules do not quantize "
+                f"({d.reason}); drop the entry or add a rule for it"
+            )
