@@ -9,6 +9,9 @@ Protocol (everything read in place from `../shared/data`):
   starting with BOS.
 - Baselines: the float32 model, and RTN (`QuantSpec(format="int{b}")`: symmetric, one scale per
   output channel, every linear kernel; embeddings/tied head and norms stay float32).
+- GPTQ: `jqtz.ptq.quantize_model` with `Recipe(method="gptq")` and the same per-channel spec,
+  calibrated on 64 windows of 256 tokens drawn (seed 0) from the training split only; served
+  under `jqtz.nn.quantized_ops()` like RTN.
 - QAT: from the float32 weights, `--steps` adam steps on random training windows (BOS + ctx-1
   tokens), the same rules, weights through the straight-through estimator and LSQ step sizes
   initialised at RTN's ranges, cosine learning rates. The loss is distillation from the float32
@@ -45,6 +48,7 @@ import jqtz.qat as qat
 from jqtz.eval.perplexity import perplexity
 from jqtz.io.llama2c import SentencePieceTokenizer, load_llama2c
 from jqtz.models.llama import Llama
+from jqtz.ptq import Recipe, calibration_tokens, llama_layout, quantize_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -149,13 +153,14 @@ def plot(curves, results, path):
     names = [r["bits"] for r in results]
     xs = np.arange(len(names))
     fp = results[0]["fp"]
-    bx.bar(xs - 0.2, [r["rtn"] for r in results], 0.4, label="RTN")
-    bx.bar(xs + 0.2, [r["qat"] for r in results], 0.4, label="QAT (served)")
+    bx.bar(xs - 0.27, [r["rtn"] for r in results], 0.27, label="RTN")
+    bx.bar(xs, [r["gptq"] for r in results], 0.27, label="GPTQ")
+    bx.bar(xs + 0.27, [r["qat"] for r in results], 0.27, label="QAT (served)")
     bx.axhline(fp, color="k", ls="--", label=f"float32 {fp:.2f}")
     bx.set_xticks(xs, names)
     bx.set_yscale("log")
     bx.set_ylabel("held-out perplexity (last 20% of paragraphs)")
-    bx.set_title("stories260K, per-channel RTN vs QAT")
+    bx.set_title("stories260K, per-channel RTN vs GPTQ vs QAT")
     bx.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,11 +193,18 @@ def main():
     fp, fp_sample = evaluate(params)
     print(f"float32: held-out ppl {fp.ppl:.3f} ({fp.protocol}); sample ppl {fp_sample.ppl:.3f}")
 
+    calib = calibration_tokens(train_tokens, n_samples=64, seq_len=256, seed=0)  # train split
     curves, results = {}, []
     for bits in args.bits:
         rules = [(r".*/kernel", jqtz.QuantSpec(format=f"int{bits}"))]
         rtn = evaluate(jqtz.quantize_params(params, rules))
         print(f"W{bits} RTN: held-out ppl {rtn[0].ppl:.3f}")
+        t0 = time.time()
+        gq, _ = quantize_model(
+            params, llama_layout(config), calib, Recipe(method="gptq", spec=rules[0][1])
+        )
+        gptq = evaluate(gq)
+        print(f"W{bits} GPTQ: held-out ppl {gptq[0].ppl:.3f} ({time.time() - t0:.0f} s)")
         qat_params, learned, curves[f"W{bits} QAT"] = train(
             model, params, rules, args, train_tokens, tok.bos_id, f"W{bits}"
         )
@@ -205,6 +217,8 @@ def main():
                 bits=f"W{bits}",
                 fp=fp.ppl,
                 rtn=rtn[0].ppl,
+                gptq=gptq[0].ppl,
+                gptq_sample=gptq[1].ppl,
                 qat=served[0].ppl,
                 closed=(rtn[0].ppl - served[0].ppl) / (rtn[0].ppl - fp.ppl),
                 met=served[0].ppl <= target,
@@ -231,15 +245,15 @@ def main():
     )
     print()
     print(
-        "| weights | RTN ppl | QAT ppl (served) | gap closed | target met | sample ppl RTN -> QAT "
-        "| served == trained |"
+        "| weights | RTN ppl | GPTQ ppl | QAT ppl (served) | gap closed | target met "
+        "| sample ppl RTN / GPTQ / QAT | served == trained |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
-            f"| {r['bits']} per-channel | {r['rtn']:.3f} | {r['qat']:.3f} "
+            f"| {r['bits']} per-channel | {r['rtn']:.3f} | {r['gptq']:.3f} | {r['qat']:.3f} "
             f"| {100 * r['closed']:.1f}% | {'yes' if r['met'] else 'no'} "
-            f"| {r['rtn_sample']:.3f} -> {r['qat_sample']:.3f} "
+            f"| {r['rtn_sample']:.3f} / {r['gptq_sample']:.3f} / {r['qat_sample']:.3f} "
             f"| max diff {r['parity']:.0e} |"
         )
     print(f"\nTraining curves: {args.plot}")
