@@ -86,8 +86,8 @@ def llama_rows(name, config, params, tokens, *, ctx, windows, speed_only=False):
             dict(
                 model=name,
                 config=label,
-                perplexity=r.ppl,
-                protocol=r.protocol,
+                perplexity=r and r.ppl,
+                protocol=r and r.protocol,
                 weight_bytes=jqtz.memory_report(q).total_bytes,
                 tokens_per_s=tps,
             )
@@ -122,8 +122,8 @@ def minilm_rows(speed_only=False):
             dict(
                 model="all-MiniLM-L6-v2",
                 config=label,
-                mean_cosine=fid.mean_cosine,
-                min_cosine=fid.min_cosine,
+                mean_cosine=fid and fid.mean_cosine,
+                min_cosine=fid and fid.min_cosine,
                 weight_bytes=jqtz.memory_report(q).total_bytes,
                 sentences_per_s=sps,
             )

@@ -162,7 +162,7 @@ def test_missing_folder(capsys, tmp_path):
 
 def test_bad_options(capsys, stories, tmp_path, q4):
     out = str(tmp_path / "o")
-    assert_user_error(capsys, ["quantize", stories, "--method", "gptq", "--out", out], "rtn")
+    assert_user_error(capsys, ["quantize", stories, "--method", "hqq", "--out", out], "gptq")
     assert_user_error(
         capsys, ["quantize", stories, "--format", "nf4", "--bits", "8", "--out", out], "nf4"
     )
