@@ -10,8 +10,11 @@ parameter tree is (linen dict, NNX `State`):
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 
+from jqtz import rules as rules_lib
 from jqtz.qarray import is_qarray
 from jqtz.rules import path_str
 
@@ -72,3 +75,19 @@ def check_known(side: dict[str, dict], decisions: dict, *, name: str) -> None:
                 f"`{name}` has an entry for {path!r}, which the rules do not quantize "
                 f"({d.reason}); drop the entry or add a rule for it"
             )
+
+
+def plan_with_state(params, rules, learned, amax_history, *, strict: bool = False):
+    """The rules' decisions per path, and the learned scales and FP8 histories per path, checked
+    to belong to quantized parameters. Rules that match nothing warn (or raise with `strict`)."""
+    plan = rules_lib.plan(params, rules)
+    for msg in plan.warnings():
+        if strict:
+            raise ValueError(msg)
+        warnings.warn(msg, UserWarning, stacklevel=3)
+    decisions = plan.by_path()
+    learned_by_path = entries(learned, name="learned")
+    history_by_path = entries(amax_history, name="amax_history")
+    check_known(learned_by_path, decisions, name="learned")
+    check_known(history_by_path, decisions, name="amax_history")
+    return decisions, learned_by_path, history_by_path

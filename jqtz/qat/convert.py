@@ -34,7 +34,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -109,16 +108,9 @@ def convert(params, rules, learned=None, *, amax_history=None, strict: bool = Fa
       ValueError: a side tree names a parameter that the rules do not quantize, a parameter
         holds NaN/Inf, or an FP8 input history is still empty.
     """
-    plan = rules_lib.plan(params, rules)
-    for msg in plan.warnings():
-        if strict:
-            raise ValueError(msg)
-        warnings.warn(msg, UserWarning, stacklevel=2)
-    decisions = plan.by_path()
-    learned_by_path = _tree.entries(learned, name="learned")
-    history_by_path = _tree.entries(amax_history, name="amax_history")
-    _tree.check_known(learned_by_path, decisions, name="learned")
-    _tree.check_known(history_by_path, decisions, name="amax_history")
+    decisions, learned_by_path, history_by_path = _tree.plan_with_state(
+        params, rules, learned, amax_history, strict=strict
+    )
 
     def one(keypath, leaf):
         path = rules_lib.path_str(keypath)

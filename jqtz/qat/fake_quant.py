@@ -23,8 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 
@@ -56,14 +54,9 @@ def fake_quant_params(params, rules, *, learned=None, clipped_ste: bool = False,
       ValueError: `learned` or `amax_history` has entries for parameters that the rules do not
         quantize, or shapes that do not fit; a rule matched nothing is only a warning.
     """
-    plan = rules_lib.plan(params, rules)
-    for msg in plan.warnings():
-        warnings.warn(msg, UserWarning, stacklevel=2)
-    decisions = plan.by_path()
-    learned_by_path = _tree.entries(learned, name="learned")
-    history_by_path = _tree.entries(amax_history, name="amax_history")
-    _tree.check_known(learned_by_path, decisions, name="learned")
-    _tree.check_known(history_by_path, decisions, name="amax_history")
+    decisions, learned_by_path, history_by_path = _tree.plan_with_state(
+        params, rules, learned, amax_history
+    )
 
     def one(keypath, leaf):
         path = rules_lib.path_str(keypath)
