@@ -27,6 +27,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jqtz.report import format_table
+
 __all__ = ["main"]
 
 PACKAGED = {
@@ -406,22 +408,10 @@ def cmd_inspect(args) -> int:
         ]
         for r in rows
     ]
-    print(_table(header, table, right={5}))
+    print(format_table(header, table, right={5}))
     print()
     print(memory)
     return 0
-
-
-def _table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-
-    def line(r):
-        return "  ".join(
-            str(x).rjust(w) if i in right else str(x).ljust(w)
-            for i, (x, w) in enumerate(zip(r, widths, strict=True))
-        ).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 # -- eval --------------------------------------------------------------------------------------
@@ -559,7 +549,7 @@ def _print_eval(result: dict) -> None:
                     "quantized / baseline",
                 ]
             )
-        print(_table(["metric", "value", "model"], rows, right={1}))
+        print(format_table(["metric", "value", "model"], rows, right={1}))
         print(f"\ntext: {result['text']}\nprotocol: {result['protocol']}")
         return
     if "embedding_fidelity" in result:
@@ -569,12 +559,12 @@ def _print_eval(result: dict) -> None:
             ["min cosine", f"{f['min_cosine']:.6f}"],
             ["texts", str(f["n"])],
         ]
-        print(_table(["metric", "value"], rows, right={1}))
+        print(format_table(["metric", "value"], rows, right={1}))
         print(f"\nbaseline: {result['baseline']}\nworst text: {f['worst_text']}")
         return
     s = result["sanity"]
     rows = [[k, str(v)] for k, v in s.items()]
-    print(_table(["metric", "value"], rows, right={1}))
+    print(format_table(["metric", "value"], rows, right={1}))
     print("\nno full-precision baseline found: embedding sanity checks only")
 
 

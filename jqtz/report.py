@@ -42,7 +42,10 @@ def _fmt_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
+def format_table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    """A plain-text table: columns padded to width, those in `right` right-aligned."""
+    header = [str(c) for c in header]
+    rows = [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(r):
@@ -131,7 +134,7 @@ class QuantReport:
             f"{_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} "
             f"({self.bytes_after / max(self.bytes_before, 1):.3f}x)"
         )
-        out = [_table(header, rows, right={3, 4, 5, 6, 7}), "", total]
+        out = [format_table(header, rows, right={3, 4, 5, 6, 7}), "", total]
         out += [f"warning: {w}" for w in self.rule_warnings]
         return "\n".join(out)
 
@@ -216,7 +219,7 @@ class MemoryReport:
                     f"{bits:.3f}",
                 ]
             )
-        table = _table(
+        table = format_table(
             ["storage", "leaves", "elements", "bytes", "bits/elem"], rows, right={1, 2, 3, 4}
         )
         return (

@@ -103,6 +103,15 @@ class Plan:
     def by_path(self) -> dict[str, Decision]:
         return {d.path: d for d in self.decisions}
 
+    def check(self, *, strict: bool = False, stacklevel: int = 3) -> None:
+        """Warn about rules that did nothing (`warnings()`); with `strict`, raise ValueError."""
+        import warnings as _warnings
+
+        for msg in self.warnings():
+            if strict:
+                raise ValueError(msg)
+            _warnings.warn(msg, UserWarning, stacklevel=stacklevel)
+
     def warnings(self) -> list[str]:
         out = [
             f"rule {i} ({self.rules[i].pattern!r}) matched no parameter"

@@ -18,8 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 
@@ -45,10 +43,7 @@ def quantize_params(params, rules, *, strict: bool = False):
         not fit its spec, or (with `strict`) a rule matched nothing.
     """
     plan = rules_lib.plan(params, rules)
-    for msg in plan.warnings():
-        if strict:
-            raise ValueError(msg)
-        warnings.warn(msg, UserWarning, stacklevel=2)
+    plan.check(strict=strict)
     decisions = plan.by_path()
 
     def one(keypath, leaf):

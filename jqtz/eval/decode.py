@@ -9,7 +9,6 @@ cache stored them (quantized, for `jqtz.models.quantized_kv_cache`).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -99,17 +98,7 @@ def decode_perplexity(
             )
         total += float(np.sum(sums[:real], dtype=np.float64))
         count += int(np.sum(counts[:real]))
-    nll = total / count
-    return PerplexityResult(
-        ppl=math.exp(nll),
-        nll=nll,
-        n_tokens=count,
-        n_windows=len(w.inputs),
-        ctx=w.ctx,
-        stride=w.stride,
-        bos=False,
-        n_text_tokens=w.n_text_tokens,
-    )
+    return PerplexityResult.from_sums(total, count, w)
 
 
 def _next_token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -93,6 +93,21 @@ class PerplexityResult:
             "float32 next-token NLL, ppl = exp(mean NLL)"
         )
 
+    @classmethod
+    def from_sums(cls, total: float, count: int, w: _Windows) -> PerplexityResult:
+        """The result of summed NLL `total` over `count` scored tokens of the windows `w`."""
+        nll = total / count
+        return cls(
+            ppl=math.exp(nll),
+            nll=nll,
+            n_tokens=count,
+            n_windows=len(w.inputs),
+            ctx=w.ctx,
+            stride=w.stride,
+            bos=w.bos,
+            n_text_tokens=w.n_text_tokens,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The fields and `protocol` as a JSON-ready dict."""
         return {**dataclasses.asdict(self), "protocol": self.protocol}
@@ -325,17 +340,7 @@ def perplexity(
             )
         total += float(np.sum(sums[:real], dtype=np.float64))
         count += int(np.sum(counts[:real]))
-    nll = total / count
-    return PerplexityResult(
-        ppl=math.exp(nll),
-        nll=nll,
-        n_tokens=count,
-        n_windows=len(w.inputs),
-        ctx=w.ctx,
-        stride=w.stride,
-        bos=w.bos,
-        n_text_tokens=w.n_text_tokens,
-    )
+    return PerplexityResult.from_sums(total, count, w)
 
 
 def tokenize(text: str, tokenizer: TextTokenizer) -> np.ndarray:

@@ -205,7 +205,7 @@ def quantize_model(
       rules select (e.g. `lm_head` with `force=True`) are quantized with round-to-nearest.
     """
     from jqtz.ptq import methods
-    from jqtz.ptq.runner import PTQReport, run_blocks
+    from jqtz.ptq.runner import LayerRecord, PTQReport, _get, _set, run_blocks
     from jqtz.quantize import quantize
 
     t0 = time.perf_counter()
@@ -226,8 +226,6 @@ def quantize_model(
     linear = set(layout.linear_paths())
     extra = [d for d in plan.decisions if d.spec is not None and d.path not in linear]
     for d in extra:
-        from jqtz.ptq.runner import LayerRecord, _get, _set
-
         t1 = time.perf_counter()
         qparams = _set(qparams, d.path, quantize(_get(params, d.path), d.spec))
         records.append(

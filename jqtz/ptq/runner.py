@@ -183,7 +183,7 @@ class PTQReport:
     seq_len: int
 
     def __str__(self):
-        from jqtz.report import _table
+        from jqtz.report import format_table
 
         rows = [
             [
@@ -196,7 +196,9 @@ class PTQReport:
             ]
             for r in self.layers
         ]
-        table = _table(["layer", "method", "quantized", "loss", "seconds", "note"], rows, {3, 4})
+        table = format_table(
+            ["layer", "method", "quantized", "loss", "seconds", "note"], rows, {3, 4}
+        )
         return (
             f"{table}\n\n{len(self.layers)} layers in {self.seconds:.1f} s "
             f"({self.n_samples} x {self.seq_len} calibration tokens)"

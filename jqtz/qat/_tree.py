@@ -10,8 +10,6 @@ parameter tree is (linen dict, NNX `State`):
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 
 from jqtz import rules as rules_lib
@@ -81,10 +79,7 @@ def plan_with_state(params, rules, learned, amax_history, *, strict: bool = Fals
     """The rules' decisions per path, and the learned scales and FP8 histories per path, checked
     to belong to quantized parameters. Rules that match nothing warn (or raise with `strict`)."""
     plan = rules_lib.plan(params, rules)
-    for msg in plan.warnings():
-        if strict:
-            raise ValueError(msg)
-        warnings.warn(msg, UserWarning, stacklevel=3)
+    plan.check(strict=strict, stacklevel=4)
     decisions = plan.by_path()
     learned_by_path = entries(learned, name="learned")
     history_by_path = entries(amax_history, name="amax_history")
