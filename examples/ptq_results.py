@@ -3,7 +3,8 @@
 Each (method, bits) runs in its own process: calibrate and quantize with `jqtz.ptq`, then score
 perplexity on a held-out text. Reported per row: perplexity, d = ppl - ppl(float32), d / d(RTN)
 at the same bits (the issue's targets: GPTQ and AWQ <= 0.6 at W4, GPTQ <= 0.35 at W3), the
-quantization time and the process's peak resident memory (VmHWM).
+quantization time and the process's peak resident memory (VmHWM) up to the end of quantization
+(loading the model included, evaluation excluded).
 
 Calibration and evaluation texts are named in the output: small models overfit their
 calibration domain (REFERENCE §6), so say which domain each uses.
@@ -87,6 +88,7 @@ def run_one(args) -> dict:
             params, llama_layout(config), tokens, Recipe(method=args.method, spec=spec)
         )
     seconds = time.perf_counter() - t0
+    quantize_rss = _peak_rss()  # before evaluation, whose logits dominate otherwise
     windows = args.windows or None  # 0: all
     r = perplexity(apply, params, tokenize(eval_text, tok), ctx=args.ctx, windows=windows)
     return {
@@ -94,7 +96,7 @@ def run_one(args) -> dict:
         "bits": args.bits,
         "ppl": r.ppl,
         "seconds": seconds,
-        "peak_rss": _peak_rss(),
+        "peak_rss": quantize_rss,
         "protocol": r.protocol,
         "calibration": calib_name,
         "evaluation": eval_name,

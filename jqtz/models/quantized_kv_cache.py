@@ -20,9 +20,11 @@ as with the full-precision :class:`~jqtz.models.kv_cache.KVCache`. What it store
 
 The flush schedule depends only on the total length, never on how the tokens were split into
 calls: a prompt prefilled at once and the same tokens fed one by one give identical storage.
-Attention dequantizes the cache on the fly in XLA; a fused kernel can read the same storage
-(codes, scales, offsets and the residual window, whose layout the class docstring gives) behind
-the same ``attend``.
+Attention of one new token per sequence (decode) runs the Pallas kernel
+``pallas_kernels.decode_attention`` on NVIDIA GPUs: it reads the codes, scales and offsets in
+place as pages (the store's capacity is a multiple of 64 tokens for that), and the
+full-precision window is merged in by log-sum-exp. Elsewhere (CPU, prefill) the cache is
+dequantized in XLA.
 
 Example:
     >>> from jqtz.models.llama import LlamaConfig, generate, Llama
@@ -68,6 +70,9 @@ _KINDS = {
 }
 KINDS = tuple(_KINDS)
 _SCALE_DTYPES = ("float16", "bfloat16", "float32")
+#: The store's capacity is a multiple of this many tokens (and of the group size): the largest
+#: page the decode-attention kernel reads a contiguous per-token store in.
+_CAPACITY_ALIGN = 64
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -274,7 +279,9 @@ class QuantizedKVCache:
 
     Positions ``[0, flushed)`` live in the quantized store, ``[flushed, length)`` in the
     full-precision window (empty unless ``spec.window > 0``). The store has room for
-    ``capacity`` positions, ``max_len`` rounded up to a multiple of ``spec.group_size``.
+    ``capacity`` positions, ``max_len`` rounded up to a multiple of ``spec.group_size`` and of
+    64 tokens (so the decode-attention kernel can read the store as pages; at most 63 unused
+    positions).
 
     Attributes:
         k_codes, v_codes: int8 ``(B, capacity, Hkv, D)``; for fp8 the same shape in uint8
@@ -296,7 +303,7 @@ class QuantizedKVCache:
         ...                               batch=1, max_len=16, n_kv_heads=2, head_dim=8)
         >>> cache = cache.update(jnp.ones((1, 9, 2, 8)), jnp.ones((1, 9, 2, 8)))
         >>> int(cache.length), int(cache.flushed), cache.k_codes.shape
-        (9, 4, (1, 16, 2, 4))
+        (9, 4, (1, 64, 2, 4))
     """
 
     k_codes: jax.Array
@@ -330,7 +337,8 @@ class QuantizedKVCache:
             _check_int(name, value, 1)
         _check_int("head_dim", head_dim, 1)
         fmt, g = spec.format, spec.group_size
-        capacity = -(-max_len // g) * g
+        align = math.lcm(g, _CAPACITY_ALIGN)
+        capacity = -(-max_len // align) * align
         shape = (batch, capacity, n_kv_heads, head_dim)
         kb, vb = spec.blocks(head_dim)
         k_codes, k_scale, k_offset = _empty_store(shape, fmt, kb, spec.scale_dtype)
@@ -454,8 +462,91 @@ class QuantizedKVCache:
         )
 
     def attend(self, q: jax.Array) -> jax.Array:
-        """Attention of the last ``T`` appended tokens' queries ``(B, T, H, D)`` over the cache,
-        on keys and values dequantized in XLA."""
+        """Attention of the last ``T`` appended tokens' queries ``(B, T, H, D)`` over the cache.
+
+        One token per sequence (decode) on an NVIDIA GPU goes through the Pallas kernel
+        ``pallas_kernels.decode_attention``, which reads the codes in place; everything else
+        dequantizes in XLA (:meth:`attention_path` says which).
+        """
+        if self.attention_path(q) == "kernel":
+            return self._attend_kernel(q)
+        return self._attend_xla(q)
+
+    def attention_path(self, q: jax.Array, *, backend=None, compute_capability=None) -> str:
+        """``"kernel"`` when :meth:`attend` would use the decode-attention kernel for ``q``
+        on ``backend`` (default: the current one), else ``"xla"``.
+
+        Example:
+            >>> cache = QuantizedKVCache.init(KVQuantSpec(kind="int8"), batch=1, max_len=64,
+            ...                               n_kv_heads=2, head_dim=64)
+            >>> q = jnp.ones((1, 1, 8, 64), jnp.bfloat16)
+            >>> cache.attention_path(q), cache.attention_path(q, backend="gpu",
+            ...                                               compute_capability=(9, 0))
+            ('xla', 'kernel')
+        """
+        if q.ndim != 4 or q.shape[1] != 1:
+            return "xla"
+        pages = self._kernel_pages()
+        if pages is None:
+            return "xla"
+        from pallas_kernels import decode_attention as da
+
+        ok = da.can_use(q[:, 0], *pages[:2], backend=backend, compute_capability=compute_capability)
+        return "kernel" if ok else "xla"
+
+    def _kernel_pages(self):
+        """``(k Pages, v Pages, block_tables)`` viewing the store as kernel pages (reshapes
+        and a bitcast, no copy), or None for layouts the kernel does not read (channel groups
+        of per-token scales)."""
+        from pallas_kernels import decode_attention as da
+
+        spec, d = self.spec, self.head_dim
+        kb, vb = spec.blocks(d)
+        if vb != (1, d) or (spec.key_granularity == "token" and kb != (1, d)):
+            return None
+        channel = spec.key_granularity == "channel"
+        capacity = self.max_len
+        page = spec.group_size if channel else math.gcd(capacity, _CAPACITY_ALIGN)
+        codes = lambda c: (
+            jax.lax.bitcast_convert_type(c, jnp.float8_e4m3fn) if spec.kind == "fp8" else c
+        )  # fmt: skip
+        token = lambda a: None if a is None else a[..., 0]  # (B, S, Hkv, 1) -> (B, S, Hkv)
+        k_scale, k_offset = (self.k_scale, self.k_offset)
+        if not channel:
+            k_scale, k_offset = token(k_scale), token(k_offset)
+        k, tables = da.contiguous_tables(
+            codes(self.k_codes), k_scale, k_offset, spec.kind, page=page, per_channel=channel
+        )
+        v, _ = da.contiguous_tables(
+            codes(self.v_codes), token(self.v_scale), token(self.v_offset), spec.kind, page=page
+        )
+        return k, v, tables
+
+    def _attend_kernel(self, q: jax.Array, *, interpret: bool = False) -> jax.Array:
+        """Decode attention (``T = 1``): the kernel over the quantized store, merged by
+        log-sum-exp with XLA attention over the full-precision window."""
+        from pallas_kernels import decode_attention as da
+
+        k, v, tables = self._kernel_pages()
+        b = q.shape[0]
+        lengths = jnp.broadcast_to(self.flushed, (b,))
+        out, lse = da.decode_attention(q[:, 0], k, v, lengths, tables, interpret=interpret)
+        if self.spec.window == 0:
+            return out[:, None]
+        # The window: slot i holds position flushed + i, valid for i < length - flushed.
+        w = self.spec.window
+        d, hkv, h = self.head_dim, self.k_recent.shape[2], q.shape[2]
+        qg = q[:, 0].astype(jnp.float32).reshape(b, hkv, h // hkv, d)
+        s = jnp.einsum("bkgd,bskd->bkgs", qg, self.k_recent.astype(jnp.float32)) * d**-0.5
+        valid = jnp.arange(w) < self.length - self.flushed
+        s = jnp.where(valid, s, da.MASK_VALUE)
+        w_lse = jax.nn.logsumexp(s, axis=-1)
+        probs = jnp.exp(s - w_lse[..., None])
+        w_out = jnp.einsum("bkgs,bskd->bkgd", probs, self.v_recent.astype(jnp.float32))
+        merged, _ = da.merge([out, w_out.reshape(b, h, d)], [lse, w_lse.reshape(b, h)])
+        return merged[:, None].astype(q.dtype)
+
+    def _attend_xla(self, q: jax.Array) -> jax.Array:
         keys, values = self.dequantize()  # (B, S, Hkv, D)
         b, t = q.shape[:2]
         q_pos = self.length - t + jnp.arange(t)  # (T,)
@@ -594,7 +685,7 @@ def kv_cache_memory(
         factory, step = fp, 1
     else:
         factory = quantized_cache_factory(kind, dtype=dtype, **options)
-        step = factory.spec.group_size
+        step = math.lcm(factory.spec.group_size, _CAPACITY_ALIGN)  # capacity grows in steps
 
     def size(n):
         return _tree_bytes(jax.eval_shape(lambda: factory(config, batch, n)))

@@ -223,7 +223,8 @@ def test_int4_window_flushes_group_by_group(name):
             np.testing.assert_array_equal(cache.k_codes[:, before:flushed], codes)
             np.testing.assert_array_equal(cache.k_scale[:, before // g], scale[:, 0])
             np.testing.assert_array_equal(cache.k_offset[:, before // g], offset[:, 0])
-    assert cache.k_codes.dtype == jnp.uint8 and cache.k_codes.shape == (B, 32, HKV, D // 2)
+    # Capacity: max_len rounded up to 64 tokens (pages of the decode-attention kernel).
+    assert cache.k_codes.dtype == jnp.uint8 and cache.k_codes.shape == (B, 64, HKV, D // 2)
 
 
 def test_jit_scan_matches_eager():

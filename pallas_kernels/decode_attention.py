@@ -1,0 +1,581 @@
+"""Decode attention over a quantized KV cache: int8, fp8 e4m3 and packed int4 (KIVI) pages.
+
+One query token per sequence attends to its cached keys and values:
+
+    out[b, h] = sum_{s < lengths[b]} softmax_s(q[b, h] . k[b, s, h // G] / sqrt(D)) v[b, s, h // G]
+
+with ``G = H / Hkv`` query heads per key/value head (grouped-query attention; all ``G`` heads of
+a KV head are one tile of rows, so each page is read once per KV head, not once per query head).
+
+**Storage is paged.** Keys and values live in pages of ``page`` tokens, ``codes (P, page, Hkv,
+Dc)``, and ``block_tables (B, pages_per_seq)`` lists the pages of each sequence in order. A
+contiguous cache ``(B, S, Hkv, Dc)`` is the case ``P = B * S / page``, which
+:func:`contiguous_tables` builds with a free reshape, so one kernel serves both (vLLM-style
+paged caches and jqtz's :class:`~jqtz.models.quantized_kv_cache.QuantizedKVCache`).
+
+**Codes and scales** (:class:`Pages`), all read in place:
+
+- ``int8`` / ``fp8`` (float8_e4m3fn codes) with one scale per token and head, ``scale (P, page,
+  Hkv)``: the key scale multiplies the scores ``q . codes`` and the value scale the probabilities,
+  so the codes go to the tensor cores as they are (cast to the query dtype, exact).
+- ``int4``: unsigned codes packed two per byte along ``D`` (low nibble = even channel) with an
+  offset, ``x ~ code * scale + offset``; per token like int8, or (KIVI keys) per channel with one
+  scale row per page, ``scale (P, Hkv, D)``, a page being one KIVI group of tokens. The even and
+  odd channels are two half-width products; the query is split into its even and odd channels
+  once, and the output is interleaved back by XLA.
+- ``float``: unquantized pages (bf16/f16/f32), no scales: the same kernel over a full-precision
+  cache, the fair baseline for the benchmark.
+
+**Split-K.** The grid is ``(B, Hkv, splits)``; each program runs an online softmax over its run
+of pages and writes its unnormalised output with the running max and sum; XLA merges the splits
+(:func:`merge`, by log-sum-exp). Programs whose pages lie past ``lengths[b]`` stop at once. The
+result comes with its log-sum-exp, so attention over a further set of keys (jqtz's
+full-precision residual window) merges in exactly.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from pallas_kernels import decode_attention as da
+  >>> q = jax.random.normal(jax.random.key(0), (2, 8, 64))           # (B, H, D)
+  >>> kv = jax.random.normal(jax.random.key(1), (2, 2, 128, 2, 64))  # (k|v, B, S, Hkv, D)
+  >>> k, tables = da.contiguous_tables(*da.quantize_tokens(kv[0], "int8"), page=32)
+  >>> v, _ = da.contiguous_tables(*da.quantize_tokens(kv[1], "int8"), page=32)
+  >>> lengths = jnp.array([100, 7])
+  >>> out, lse = da.decode_attention(q, k, v, lengths, tables, interpret=True)
+  >>> ref, _ = da.reference(q, k, v, lengths, tables)
+  >>> out.shape, bool(jnp.abs(out - ref).max() < 1e-4)
+  ((2, 8, 64), True)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels import common
+
+KINDS = ("int8", "fp8", "int4", "float")
+_Q_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16), np.dtype(jnp.float32))
+_CODE_DTYPES = {
+    "int8": (np.dtype(jnp.int8),),
+    "fp8": (np.dtype(jnp.float8_e4m3fn),),
+    "int4": (np.dtype(jnp.uint8),),
+    "float": _Q_DTYPES,
+}
+#: Masked scores: finite, so an empty split gives zero weights rather than NaN.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Pages:
+    """Keys or values in pages, as the kernel reads them.
+
+    Attributes:
+      codes: ``(P, page, Hkv, Dc)``: int8; float8_e4m3fn; uint8 holding two unsigned 4-bit
+        codes along ``D`` (``Dc = D / 2``, low nibble = even channel); or float (unquantized).
+      scale: ``(P, page, Hkv)`` one per token (``per_channel=False``), ``(P, Hkv, D)`` one per
+        channel and page (``per_channel=True``), or None for ``kind="float"``.
+      offset: same shape as ``scale`` for int4 (``x ~ code * scale + offset``), else None.
+      kind: ``"int8"``, ``"fp8"``, ``"int4"`` or ``"float"`` (static).
+      per_channel: whether ``scale`` is per channel (static; KIVI keys).
+    """
+
+    codes: jax.Array
+    scale: jax.Array | None
+    offset: jax.Array | None
+    kind: str = dataclasses.field(metadata=dict(static=True))
+    per_channel: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    @property
+    def page(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.codes.shape[-1] * (2 if self.kind == "int4" else 1)
+
+    def check(self, name: str) -> None:
+        """Raises ValueError naming ``name`` when shapes, dtypes and ``kind`` disagree."""
+        if self.kind not in KINDS:
+            raise ValueError(f"`{name}.kind` must be one of {KINDS}, got {self.kind!r}")
+        if self.codes.ndim != 4:
+            raise ValueError(f"`{name}.codes` must be (P, page, Hkv, Dc), got {self.codes.shape}")
+        if np.dtype(self.codes.dtype) not in _CODE_DTYPES[self.kind]:
+            raise ValueError(
+                f"`{name}.codes` of kind {self.kind!r} must be "
+                f"{' or '.join(d.name for d in _CODE_DTYPES[self.kind])}, got {self.codes.dtype}"
+            )
+        p, page, hkv, _ = self.codes.shape
+        d = self.head_dim
+        if self.kind == "float":
+            want = None
+        elif self.per_channel:
+            want = (p, hkv, d)
+        else:
+            want = (p, page, hkv)
+        got = None if self.scale is None else self.scale.shape
+        if got != want:
+            raise ValueError(f"`{name}.scale` must have shape {want}, got {got}")
+        got = None if self.offset is None else self.offset.shape
+        if (self.kind == "int4") != (self.offset is not None) or (got not in (None, want)):
+            raise ValueError(
+                f"`{name}.offset` must be {want} for int4 and None otherwise, got {got}"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TuningConfig:
+    """Launch parameters (static under jit); frozen H100 guesses until a GPU run tunes them.
+
+    Attributes:
+      num_splits: programs per (sequence, KV head) along the sequence; None: enough to give
+        the 132 SMs of an H100 about two programs each (at most one page per split).
+      num_warps, num_stages: Triton launch parameters.
+    """
+
+    num_splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"TuningConfig.num_splits must be >= 1, got {self.num_splits}")
+
+
+def _splits(cfg: TuningConfig, batch: int, hkv: int, pages: int) -> int:
+    if cfg.num_splits is not None:
+        return min(cfg.num_splits, pages)
+    return max(1, min(pages, common.cdiv(2 * 132, batch * hkv)))
+
+
+# -- the kernel ------------------------------------------------------------------------------
+def _channel_parts(x, packed: bool):
+    """Even and odd channels of a packed int4 row or tile (last axis), or the whole of it."""
+    if not packed:
+        return [x]
+    c = x.astype(jnp.int32)
+    return [(c & 15).astype(jnp.float32), (c >> 4).astype(jnp.float32)]
+
+
+def _row_parts(ref, page_index, d: int, packed: bool):
+    """A per-channel scale row ``ref[page_index] (D,)`` as ``[(1, D/2) even, odd]`` or
+    ``[(1, D)]``, float32 (strided loads: the row stays interleaved in memory)."""
+    if packed:
+        return [
+            ref[page_index, pl.ds(j, d // 2, stride=2)].astype(jnp.float32)[None, :] for j in (0, 1)
+        ]
+    return [ref[page_index, :].astype(jnp.float32)[None, :]]
+
+
+def _kernel(*refs, layout, page, pages_per_split, head_dim, compute_dtype, precision):
+    k_kind, k_channel, k_off, v_kind, v_off = layout
+    refs = list(refs)
+    lengths_ref, tables_ref, q_ref, kc_ref = refs[:4]
+    del refs[:4]
+    ks_ref = refs.pop(0) if k_kind != "float" else None
+    ko_ref = refs.pop(0) if k_off else None
+    vc_ref = refs.pop(0)
+    vs_ref = refs.pop(0) if v_kind != "float" else None
+    vo_ref = refs.pop(0) if v_off else None
+    o_ref, m_ref, l_ref = refs
+    k_packed, v_packed = k_kind == "int4", v_kind == "int4"
+    d = head_dim
+
+    length = lengths_ref[0]
+    first = pl.program_id(2) * pages_per_split
+    n = jnp.clip(pl.cdiv(length, page) - first, 0, pages_per_split)
+    halves = [pl.ds(0, d // 2), pl.ds(d // 2, d // 2)]
+    q_parts = [q_ref[:, h] for h in halves] if k_packed else [q_ref[...]]
+    q_sum = sum(jnp.sum(qp.astype(jnp.float32), axis=1) for qp in q_parts)  # (bh,)
+    bh = q_parts[0].shape[0]
+
+    def dot(a, b, contract_b):  # a (bh, c) with b (page, c) or (c, page) -> float32
+        return jax.lax.dot_general(
+            a.astype(compute_dtype),
+            b.astype(compute_dtype),
+            (((1,), (contract_b,)), ((), ())),
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )
+
+    def body(i, carry):
+        acc, m_prev, l_prev = carry
+        p = tables_ref[i]
+        # Scores (bh, page).
+        k_parts = _channel_parts(kc_ref[p, :, :], k_packed)
+        if k_channel:  # dequantize with this page's scale row, then one product per part
+            scales = _row_parts(ks_ref, p, d, k_packed)
+            offs = _row_parts(ko_ref, p, d, k_packed) if k_off else [0.0] * len(scales)
+            k_parts = [
+                kp.astype(jnp.float32) * s + o
+                for kp, s, o in zip(k_parts, scales, offs, strict=True)
+            ]
+        s = sum(dot(qp, kp, 1) for qp, kp in zip(q_parts, k_parts, strict=True))
+        if k_kind != "float" and not k_channel:  # per token: scale the scores
+            s = s * ks_ref[p, :].astype(jnp.float32)[None, :]
+            if k_off:
+                s = s + q_sum[:, None] * ko_ref[p, :].astype(jnp.float32)[None, :]
+        pos = (first + i) * page + jax.lax.broadcasted_iota(jnp.int32, (bh, page), 1)
+        s = jnp.where(pos < length, s, MASK_VALUE)
+        # Online softmax.
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        correction = jnp.exp(m_prev - m_next)
+        probs = jnp.exp(s - m_next[:, None])
+        l_next = l_prev * correction + jnp.sum(probs, axis=1)
+        # Values: per-token scales fold into the probabilities, offsets into one extra term.
+        probs_v = probs
+        if v_kind != "float":
+            probs_v = probs * vs_ref[p, :].astype(jnp.float32)[None, :]
+        v_parts = _channel_parts(vc_ref[p, :, :], v_packed)
+        outs = [dot(probs_v, vp, 0) for vp in v_parts]
+        if v_off:
+            bias = jnp.sum(probs * vo_ref[p, :].astype(jnp.float32)[None, :], axis=1)
+            outs = [o + bias[:, None] for o in outs]
+        acc = [a * correction[:, None] + o for a, o in zip(acc, outs, strict=True)]
+        return acc, m_next, l_next
+
+    n_parts = 2 if v_packed else 1
+    init = (
+        [jnp.zeros((bh, d // n_parts), jnp.float32) for _ in range(n_parts)],
+        jnp.full((bh,), MASK_VALUE, jnp.float32),
+        jnp.zeros((bh,), jnp.float32),
+    )
+    acc, m, total = jax.lax.fori_loop(0, n, body, init)
+    if v_packed:
+        for h, a in zip(halves, acc, strict=True):
+            o_ref[:, h] = a
+    else:
+        o_ref[...] = acc[0]
+    m_ref[...] = m
+    l_ref[...] = total
+
+
+def _deinterleave(x):
+    """Last axis ``[x0, x1, x2, ...]`` -> ``[x0, x2, ..., x1, x3, ...]``."""
+    return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+
+
+def _interleave(x):
+    """Inverse of :func:`_deinterleave`."""
+    d = x.shape[-1]
+    return jnp.stack([x[..., : d // 2], x[..., d // 2 :]], axis=-1).reshape(x.shape)
+
+
+def merge(outs, lses):
+    """Attention over the union of disjoint key sets from each set's normalised output
+    ``(..., D)`` and log-sum-exp ``(...)``; returns ``(out float32, lse)``.
+
+    A set with no keys has ``lse = MASK_VALUE`` (or lower) and weight zero.
+    """
+    lses = jnp.stack([jnp.asarray(x, jnp.float32) for x in lses])
+    top = jnp.max(lses, axis=0)
+    w = jnp.exp(lses - top)  # (n, ...)
+    total = jnp.sum(w, axis=0)
+    out = sum(wi[..., None] * o.astype(jnp.float32) for wi, o in zip(w, outs, strict=True))
+    return out / total[..., None], top + jnp.log(total)
+
+
+def _finish(o, m, sums):
+    """Merge the splits: ``o (..., splits, bh, D)``, ``m``/``sums (..., splits, bh)``."""
+    top = jnp.max(m, axis=-2)
+    w = jnp.exp(m - top[..., None, :])
+    total = jnp.sum(sums * w, axis=-2)
+    out = jnp.sum(o * w[..., None], axis=-3)
+    empty = total <= 0
+    out = out / jnp.where(empty, 1.0, total)[..., None]
+    lse = jnp.where(empty, MASK_VALUE, top + jnp.log(jnp.where(empty, 1.0, total)))
+    return out, lse
+
+
+def _check_inputs(q, k: Pages, v: Pages, lengths, block_tables):
+    if q.ndim != 3 or np.dtype(q.dtype) not in _Q_DTYPES:
+        raise ValueError(f"`q` must be (B, H, D) bf16, f16 or f32, got {q.shape} {q.dtype}")
+    k.check("k")
+    v.check("v")
+    if v.per_channel:
+        raise ValueError("`v` must have per-token scales (per_channel=False)")
+    b, h, d = q.shape
+    if k.codes.shape[:3] != v.codes.shape[:3] or k.head_dim != d or v.head_dim != d:
+        raise ValueError(
+            f"`k` {k.codes.shape} and `v` {v.codes.shape} pages must match each other and the "
+            f"head dimension {d} of `q` (int4 codes hold D/2 bytes)"
+        )
+    hkv = k.codes.shape[2]
+    if h % hkv:
+        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({hkv})")
+    if lengths.shape != (b,) or block_tables.ndim != 2 or block_tables.shape[0] != b:
+        raise ValueError(
+            f"`lengths` must be ({b},) and `block_tables` ({b}, pages_per_seq), got "
+            f"{lengths.shape} and {block_tables.shape}"
+        )
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def decode_attention(
+    q: jax.Array,
+    k: Pages,
+    v: Pages,
+    lengths: jax.Array,
+    block_tables: jax.Array,
+    *,
+    config: TuningConfig | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Attention of one query token per sequence over paged, quantized keys and values.
+
+    Args:
+      q: ``(B, H, D)`` bf16/f16/f32 (RoPE applied; not yet scaled by ``1/sqrt(D)``).
+      k, v: :class:`Pages` of keys and values (values per token).
+      lengths: int32 ``(B,)``: positions ``[0, lengths[b])`` of sequence ``b`` are attended.
+      block_tables: int32 ``(B, pages_per_seq)``: page ``j`` of sequence ``b`` is
+        ``block_tables[b, j]``; entries past ``ceil(lengths[b] / page)`` are not read.
+      config: a :class:`TuningConfig`; default: :class:`TuningConfig()`.
+      interpret: run the Pallas interpreter (CPU) instead of compiling for the GPU.
+
+    Returns:
+      ``(out (B, H, D) in q.dtype, lse (B, H) float32)``; a sequence of length 0 gives zeros
+      and ``lse = MASK_VALUE``.
+    """
+    _check_inputs(q, k, v, lengths, block_tables)
+    cfg = config or TuningConfig()
+    b, h, d = q.shape
+    n_pages, page, hkv, _ = k.codes.shape
+    g = h // hkv
+    bh = max(16, 1 << (g - 1).bit_length())
+    pps_all = block_tables.shape[1]
+    splits = _splits(cfg, b, hkv, pps_all)
+    pps = common.cdiv(pps_all, splits)
+    tables = common.pad_axis(block_tables.astype(jnp.int32), 1, splits * pps)
+    tables = tables.reshape(b, splits, pps)
+    compute = np.dtype(q.dtype)
+    qs = (q.astype(jnp.float32) * d**-0.5).astype(compute)
+    if k.kind == "int4":
+        qs = _deinterleave(qs)
+    qs = common.pad_axis(qs.reshape(b, hkv, g, d), 2, bh)
+
+    layout = (k.kind, k.per_channel, k.offset is not None, v.kind, v.offset is not None)
+    per_token = lambda: pl.BlockSpec((n_pages, page, None), lambda i, j, s: (0, 0, j))
+    per_channel = lambda: pl.BlockSpec((n_pages, None, d), lambda i, j, s: (0, j, 0))
+    codes_spec = lambda c: pl.BlockSpec((n_pages, page, None, c.shape[-1]),
+                                        lambda i, j, s: (0, 0, j, 0))  # fmt: skip
+    args = [lengths.astype(jnp.int32), tables, qs, k.codes]
+    specs = [
+        pl.BlockSpec((1,), lambda i, j, s: (i,)),
+        pl.BlockSpec((None, None, pps), lambda i, j, s: (i, s, 0)),
+        pl.BlockSpec((None, None, bh, d), lambda i, j, s: (i, j, 0, 0)),
+        codes_spec(k.codes),
+    ]
+    for arr in (k.scale, k.offset):
+        if arr is not None:
+            args.append(arr)
+            specs.append(per_channel() if k.per_channel else per_token())
+    args.append(v.codes)
+    specs.append(codes_spec(v.codes))
+    for arr in (v.scale, v.offset):
+        if arr is not None:
+            args.append(arr)
+            specs.append(per_token())
+    precision = jax.lax.Precision.HIGHEST if compute == np.dtype(jnp.float32) else None
+    o, m, sums = pl.pallas_call(
+        functools.partial(
+            _kernel,
+            layout=layout,
+            page=page,
+            pages_per_split=pps,
+            head_dim=d,
+            compute_dtype=compute,
+            precision=precision,
+        ),
+        grid=(b, hkv, splits),
+        in_specs=specs,
+        out_specs=[
+            pl.BlockSpec((None, None, None, bh, d), lambda i, j, s: (i, j, s, 0, 0)),
+            pl.BlockSpec((None, None, None, bh), lambda i, j, s: (i, j, s, 0)),
+            pl.BlockSpec((None, None, None, bh), lambda i, j, s: (i, j, s, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, hkv, splits, bh, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, bh), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, bh), jnp.float32),
+        ],
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=f"decode_attention_{k.kind}",
+    )(*args)
+    out, lse = _finish(o, m, sums)  # (B, Hkv, bh, D), (B, Hkv, bh)
+    out, lse = out[:, :, :g].reshape(b, h, d), lse[:, :, :g].reshape(b, h)
+    if v.kind == "int4":
+        out = _interleave(out)
+    return out.astype(q.dtype), lse
+
+
+# -- layouts, reference, predicate -----------------------------------------------------------
+def contiguous_tables(codes, scale, offset, kind, *, page: int, per_channel: bool = False):
+    """:class:`Pages` and ``block_tables`` for a contiguous cache ``codes (B, S, Hkv, Dc)``.
+
+    ``scale``/``offset``: ``(B, S, Hkv)`` per token, or ``(B, S / page, Hkv, D)`` per channel
+    (one row per page). Reshapes only (no copy); ``S`` must be a multiple of ``page``.
+    """
+    b, s, hkv, dc = codes.shape
+    if s % page:
+        raise ValueError(f"the cache length {s} must be a multiple of `page` ({page})")
+    n = s // page
+
+    def paged(x):
+        if x is None:
+            return None
+        if per_channel:
+            return x.reshape(b * n, hkv, x.shape[-1])
+        return x.reshape(b * n, page, hkv)
+
+    pages = Pages(codes.reshape(b * n, page, hkv, dc), paged(scale), paged(offset), kind,
+                  per_channel)  # fmt: skip
+    tables = jnp.arange(b, dtype=jnp.int32)[:, None] * n + jnp.arange(n, dtype=jnp.int32)
+    return pages, tables
+
+
+def quantize_tokens(x, kind: str):
+    """Per-token codes of ``x (B, S, Hkv, D)``: ``(codes, scale, offset, kind)`` for
+    :func:`contiguous_tables` (int8, fp8 symmetric; int4 asymmetric with offsets). For tests and
+    benchmarks; jqtz's cache quantizes the same way when tokens are appended."""
+    x = x.astype(jnp.float32)
+    if kind == "float":
+        return x, None, None, kind
+    if kind == "int4":
+        lo, hi = x.min(axis=-1), x.max(axis=-1)
+        scale = jnp.maximum((hi - lo) / 15, 1e-8)
+        codes = jnp.clip(jnp.round((x - lo[..., None]) / scale[..., None]), 0, 15).astype(jnp.uint8)
+        packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        return packed, scale, lo, kind
+    qmax = 127.0 if kind == "int8" else 448.0
+    scale = jnp.maximum(jnp.abs(x).max(axis=-1) / qmax, 1e-8)
+    v = jnp.clip(x / scale[..., None], -qmax, qmax)
+    codes = jnp.round(v).astype(jnp.int8) if kind == "int8" else v.astype(jnp.float8_e4m3fn)
+    return codes, scale, None, kind
+
+
+def dequantize(pages: Pages) -> jax.Array:
+    """The float32 values of every page, ``(P, page, Hkv, D)``."""
+    c = pages.codes
+    if pages.kind == "int4":
+        c = c.astype(jnp.int32)
+        c = jnp.stack([c & 15, c >> 4], axis=-1).reshape(*c.shape[:-1], -1)
+    x = c.astype(jnp.float32)
+    if pages.scale is None:
+        return x
+    if pages.per_channel:
+        expand = lambda a: a.astype(jnp.float32)[:, None]  # (P, 1, Hkv, D)
+    else:
+        expand = lambda a: a.astype(jnp.float32)[..., None]  # (P, page, Hkv, 1)
+    x = x * expand(pages.scale)
+    if pages.offset is not None:
+        x = x + expand(pages.offset)
+    return x
+
+
+def reference(q, k: Pages, v: Pages, lengths, block_tables):
+    """Pure-jnp reference: dequantize, gather each sequence's pages, softmax in float32.
+
+    Returns ``(out (B, H, D) in q.dtype, lse (B, H) float32)``, like :func:`decode_attention`.
+    """
+    _check_inputs(q, k, v, lengths, block_tables)
+    b, h, d = q.shape
+    hkv = k.codes.shape[2]
+    keys, values = (dequantize(p)[block_tables] for p in (k, v))  # (B, n, page, Hkv, D)
+    keys, values = (x.reshape(b, -1, hkv, d) for x in (keys, values))
+    qg = q.astype(jnp.float32).reshape(b, hkv, h // hkv, d)
+    s = jnp.einsum("bkgd,bskd->bkgs", qg, keys, precision=jax.lax.Precision.HIGHEST) * d**-0.5
+    valid = jnp.arange(keys.shape[1])[None, :] < lengths[:, None]  # (B, S)
+    s = jnp.where(valid[:, None, None], s, MASK_VALUE)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    probs = jnp.exp(s - lse[..., None])
+    out = jnp.einsum("bkgs,bskd->bkgd", probs, values, precision=jax.lax.Precision.HIGHEST)
+    empty = (lengths == 0)[:, None]
+    out = jnp.where(empty[..., None], 0.0, out.reshape(b, h, d))
+    lse = jnp.where(empty, MASK_VALUE, lse.reshape(b, h))
+    return out.astype(q.dtype), lse
+
+
+def can_use(q, k: Pages, v: Pages, *, backend: str | None = None, compute_capability=None):
+    """Whether :func:`decode_attention` should run on the GPU for these operands.
+
+    Needs an NVIDIA GPU with compute capability >= 8.0 (8.9 for fp8 codes), ``q (B, H, D)``
+    bf16/f16/f32 with ``D`` a power of two >= 16 (>= 32 for int4), pages of a power-of-two
+    number of tokens >= 16, at most 64 query heads per KV head and per-token value scales.
+    """
+    backend = backend or jax.default_backend()
+    if backend != "gpu":
+        return False
+    cc = compute_capability or common.gpu_compute_capability()
+    if cc is None or tuple(cc) < (8, 0):
+        return False
+    if "fp8" in (k.kind, v.kind) and tuple(cc) < (8, 9):
+        return False
+    if q.ndim != 3 or np.dtype(q.dtype) not in _Q_DTYPES or v.per_channel:
+        return False
+    d, page = q.shape[-1], k.codes.shape[1]
+    min_d = 32 if "int4" in (k.kind, v.kind) else 16
+    g = q.shape[1] // k.codes.shape[2]
+    return common.is_pow2(d) and d >= min_d and common.is_pow2(page) and page >= 16 and g <= 64
+
+
+# -- benchmark -------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    """``python -m pallas_kernels.decode_attention --bench``: kernel over int8/fp8/int4 caches vs
+    XLA attention over a bf16 cache (and the kernel over bf16 pages) on a GPU."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", action="store_true", help="time the kernel on the GPU")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--page", type=int, default=64)
+    args = parser.parse_args(argv)
+    if not args.bench:
+        parser.print_help()
+        return 0
+    if not common.require_gpu_or_exit("decode_attention"):
+        return 0
+    b, h, hkv, d = args.batch, args.heads, args.kv_heads, args.head_dim
+    print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}; B={b} H={h} Hkv={hkv} "
+          f"D={d} page={args.page}")  # fmt: skip
+    bw = common.measure_copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    print(f"{'kind':>6} {'context':>8} {'kernel us':>10} {'xla bf16 us':>12} {'speedup':>8} "
+          f"{'GB/s':>7} {'of copy':>8}")  # fmt: skip
+    for s in (8192, 16384, 32768):
+        q = jax.random.normal(jax.random.key(0), (b, h, d), jnp.bfloat16)
+        kv = jax.random.normal(jax.random.key(1), (2, b, s, hkv, d), jnp.bfloat16)
+        lengths = jnp.full((b,), s, jnp.int32)
+
+        def xla(q, k, v):
+            qg = q.reshape(b, hkv, h // hkv, d)
+            sc = jnp.einsum("bkgd,bskd->bkgs", qg, k, preferred_element_type=jnp.float32)
+            p = jax.nn.softmax(sc * d**-0.5, axis=-1).astype(v.dtype)
+            return jnp.einsum("bkgs,bskd->bkgd", p, v).reshape(b, h, d)
+
+        t_xla = common.time_fn(jax.jit(xla), q, kv[0], kv[1])
+        for kind in ("float", "int8", "fp8", "int4"):
+            k, tables = contiguous_tables(*quantize_tokens(kv[0], kind), page=args.page)
+            v, _ = contiguous_tables(*quantize_tokens(kv[1], kind), page=args.page)
+            if kind == "float":
+                k = dataclasses.replace(k, codes=k.codes.astype(jnp.bfloat16))
+                v = dataclasses.replace(v, codes=v.codes.astype(jnp.bfloat16))
+            t = common.time_fn(decode_attention, q, k, v, lengths, tables)
+            nbytes = sum(x.nbytes for x in jax.tree.leaves((k, v)))
+            print(
+                f"{kind:>6} {s:8d} {t * 1e6:10.1f} {t_xla * 1e6:12.1f} {t_xla / t:8.2f} "
+                f"{nbytes / t / 1e9:7.0f} {nbytes / t / bw:8.2f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

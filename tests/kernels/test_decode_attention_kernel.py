@@ -1,0 +1,226 @@
+"""Decode attention over quantized KV pages: interpret mode vs the reference, edge lengths,
+paging, GQA, CUDA lowering, can_use, and the jqtz cache's choice between kernel and XLA."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jqtz.models.quantized_kv_cache import KVQuantSpec, QuantizedKVCache
+from pallas_kernels import common
+from pallas_kernels import decode_attention as da
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _kivi_keys(x, page):
+    """KIVI keys: uint4 per channel over groups of `page` tokens, offsets; packed along D."""
+    b, s, hkv, d = x.shape
+    g = x.reshape(b, s // page, page, hkv, d)
+    lo, hi = g.min(axis=2), g.max(axis=2)
+    scale = jnp.maximum((hi - lo) / 15, 1e-6).astype(jnp.float16)
+    lo = lo.astype(jnp.float16)
+    codes = jnp.round((g - lo[:, :, None]) / scale[:, :, None].astype(jnp.float32))
+    codes = jnp.clip(codes, 0, 15).astype(jnp.uint8).reshape(b, s, hkv, d)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), scale, lo
+
+
+def make(kind, *, b=2, s=128, hkv=2, d=64, page=32, seed=0, kivi=False):
+    """Random keys/values quantized per token (or KIVI keys), as contiguous pages."""
+    kv = jax.random.normal(jax.random.key(seed), (2, b, s, hkv, d))
+    if kivi:
+        k, tables = da.contiguous_tables(
+            *_kivi_keys(kv[0], page), "int4", page=page, per_channel=True
+        )
+    else:
+        k, tables = da.contiguous_tables(*da.quantize_tokens(kv[0], kind), page=page)
+    v, _ = da.contiguous_tables(*da.quantize_tokens(kv[1], kind), page=page)
+    return k, v, tables, kv
+
+
+def _max_err(a, b):
+    return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
+
+
+# name: (kind, KIVI keys, query heads, KV heads, head dim, lengths)
+CASES = {
+    "int8_gqa4": ("int8", False, 8, 2, 64, [128, 37]),
+    "fp8_gqa4": ("fp8", False, 8, 2, 64, [1, 96]),
+    "int4_token": ("int4", False, 8, 2, 64, [65, 128]),
+    "int4_kivi": ("int4", True, 8, 2, 64, [31, 32]),
+    "float_mha": ("float", False, 2, 2, 128, [100, 17]),
+    "int8_gqa24": ("int8", False, 48, 2, 32, [3, 64]),  # 24 heads: a 32-row tile
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpret_matches_reference(name):
+    kind, kivi, h, hkv, d, lengths = CASES[name]
+    k, v, tables, _ = make(kind, hkv=hkv, d=d, kivi=kivi)
+    q = jax.random.normal(jax.random.key(9), (2, h, d))
+    lengths = jnp.array(lengths, jnp.int32)
+    out, lse = da.decode_attention(q, k, v, lengths, tables, interpret=True)
+    ref, ref_lse = da.reference(q, k, v, lengths, tables)
+    assert out.shape == (2, h, d) and lse.shape == (2, h)
+    # float32 throughout (products with precision HIGHEST): only the summation order differs.
+    assert _max_err(out, ref) < 2e-5
+    assert _max_err(lse, ref_lse) < 2e-5
+
+
+@pytest.mark.parametrize("splits", [1, 3, 16])
+def test_split_counts_agree(splits):
+    """One, an uneven number, and more splits than pages (empty splits are merged away)."""
+    k, v, tables, _ = make("int8", page=16)  # 8 pages per sequence
+    q = jax.random.normal(jax.random.key(1), (2, 8, 64))
+    lengths = jnp.array([128, 50], jnp.int32)
+    cfg = da.TuningConfig(num_splits=splits)
+    out, _ = da.decode_attention(q, k, v, lengths, tables, config=cfg, interpret=True)
+    ref, _ = da.reference(q, k, v, lengths, tables)
+    assert _max_err(out, ref) < 2e-5
+
+
+def test_paged_tables_in_any_order():
+    """Pages shuffled across one pool: the same attention as the contiguous layout."""
+    k, v, tables, _ = make("fp8", page=16)
+    perm = jax.random.permutation(jax.random.key(3), k.codes.shape[0])
+    inv = jnp.argsort(perm)
+    shuffle = lambda p: jax.tree.map(lambda a: a[perm], p)  # pool page j = old page perm[j]
+    k2, v2, tables2 = shuffle(k), shuffle(v), inv[tables]
+    q = jax.random.normal(jax.random.key(4), (2, 8, 64))
+    lengths = jnp.array([77, 128], jnp.int32)
+    out, _ = da.decode_attention(q, k, v, lengths, tables, interpret=True)
+    out2, _ = da.decode_attention(q, k2, v2, lengths, tables2, interpret=True)
+    np.testing.assert_allclose(out2, out, atol=1e-6)
+    # Table entries past a sequence's last page are never read: garbage there changes nothing.
+    tables3 = tables2.at[0, 5:].set(10_000)  # 77 tokens: pages 0..4
+    out3, _ = da.decode_attention(q, k2, v2, lengths, tables3, interpret=True)
+    np.testing.assert_allclose(out3[0], out[0], atol=1e-6)
+
+
+def test_zero_length_gives_zeros_and_merges_away():
+    k, v, tables, _ = make("int8")
+    q = jax.random.normal(jax.random.key(5), (2, 8, 64))
+    out, lse = da.decode_attention(q, k, v, jnp.array([0, 5]), tables, interpret=True)
+    assert np.all(np.asarray(out[0]) == 0) and np.all(np.asarray(lse[0]) == da.MASK_VALUE)
+    # Merging with another key set: the empty one has weight zero.
+    other = jax.random.normal(jax.random.key(6), (2, 8, 64))
+    merged, _ = da.merge([out, other], [lse, jnp.zeros((2, 8))])
+    np.testing.assert_allclose(merged[0], other[0], atol=1e-6)
+
+
+def test_quantized_attention_is_close_to_float():
+    """Against attention on the unquantized keys/values: int8 ~1%, fp8 ~5%, int4 ~10%."""
+    q = jax.random.normal(jax.random.key(7), (2, 8, 64))
+    lengths = jnp.array([128, 90], jnp.int32)
+    f, fv, tables, _ = make("float")
+    exact, _ = da.reference(q, f, fv, lengths, tables)
+    for kind, kivi, bound in (("int8", False, 0.02), ("fp8", False, 0.08), ("int4", True, 0.2)):
+        k, v, tables, _ = make(kind, kivi=kivi)
+        out, _ = da.decode_attention(q, k, v, lengths, tables, interpret=True)
+        rel = float(jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact))
+        assert rel < bound, (kind, rel)
+
+
+def test_bf16_queries():
+    k, v, tables, _ = make("int8")
+    q = jax.random.normal(jax.random.key(8), (2, 8, 64), jnp.bfloat16)
+    lengths = jnp.array([128, 40], jnp.int32)
+    out, _ = da.decode_attention(q, k, v, lengths, tables, interpret=True)
+    ref, _ = da.reference(q.astype(jnp.float32), k, v, lengths, tables)
+    assert out.dtype == jnp.bfloat16
+    # bf16 queries and probabilities on the tensor cores: a few bf16 roundings (2^-9 each).
+    assert _max_err(out, ref) < 2e-2
+
+
+@pytest.mark.parametrize(
+    "kind, kivi, q_dtype",
+    [("int8", False, jnp.bfloat16), ("fp8", False, jnp.bfloat16), ("int4", True, jnp.float16),
+     ("float", False, jnp.bfloat16)],
+    ids=["int8", "fp8", "int4_kivi", "float"],
+)  # fmt: skip
+def test_lowers_for_cuda(kind, kivi, q_dtype):
+    k, v, tables, _ = make(kind, kivi=kivi)
+    if kind == "float":
+        k, v = (dataclasses.replace(p, codes=p.codes.astype(jnp.bfloat16)) for p in (k, v))
+    q = jnp.ones((2, 8, 64), q_dtype)
+    text = common.lower_for_cuda(
+        lambda *a: da.decode_attention(*a), q, k, v, jnp.array([5, 9]), tables
+    )
+    assert common.TRITON_CUSTOM_CALL in text
+
+
+def test_can_use():
+    k, v, _, _ = make("int8")
+    q = jnp.ones((2, 8, 64), jnp.bfloat16)
+    h100 = dict(backend="gpu", compute_capability=(9, 0))
+    assert da.can_use(q, k, v, **h100)
+    assert not da.can_use(q, k, v)  # this machine: CPU
+    assert not da.can_use(q, k, v, backend="gpu", compute_capability=(7, 5))
+    f8k, f8v, _, _ = make("fp8")
+    assert not da.can_use(q, f8k, f8v, backend="gpu", compute_capability=(8, 0))  # no fp8
+    assert da.can_use(q, f8k, f8v, backend="gpu", compute_capability=(8, 9))
+    small, sv, _, _ = make("int8", d=8, page=16)  # head dim 8: below a tensor-core tile
+    assert not da.can_use(jnp.ones((2, 8, 8), jnp.bfloat16), small, sv, **h100)
+    odd, ov, _, _ = make("int8", s=96, page=12 * 8)  # 96-token pages: not a power of two
+    assert not da.can_use(q, odd, ov, **h100)
+
+
+def test_bad_input_names_the_argument():
+    k, v, tables, _ = make("int8")
+    q = jnp.ones((2, 8, 64))
+    with pytest.raises(ValueError, match="`q`"):
+        da.decode_attention(q[0], k, v, jnp.array([1, 1]), tables, interpret=True)
+    with pytest.raises(ValueError, match="query heads"):
+        da.decode_attention(q[:, :3], k, v, jnp.array([1, 1]), tables, interpret=True)
+    with pytest.raises(ValueError, match="`lengths`"):
+        da.decode_attention(q, k, v, jnp.array([1]), tables, interpret=True)
+    bad = dataclasses.replace(k, scale=None)
+    with pytest.raises(ValueError, match=r"`k\.scale`"):
+        da.decode_attention(q, bad, v, jnp.array([1, 1]), tables, interpret=True)
+    with pytest.raises(ValueError, match=r"`v\.codes`"):
+        da.decode_attention(q, k, dataclasses.replace(v, kind="fp8"), jnp.array([1, 1]), tables)
+    with pytest.raises(ValueError, match="multiple of `page`"):
+        da.contiguous_tables(k.codes.reshape(2, 128, 2, 64)[:, :100], None, None, "float", page=32)
+
+
+def test_bench_without_gpu_exits_cleanly(capsys):
+    assert da.main(["--bench"]) == 0
+    assert "no GPU present" in capsys.readouterr().out
+
+
+# -- the jqtz cache: kernel path vs its XLA path ---------------------------------------------
+def _filled_cache(kind, length, **options):
+    b, hkv, d = 2, 2, 64
+    spec = KVQuantSpec(kind=kind, **options)
+    cache = QuantizedKVCache.init(spec, batch=b, max_len=150, n_kv_heads=hkv, head_dim=d)
+    kv = jax.random.normal(jax.random.key(length), (2, b, length, hkv, d))
+    return cache.update(kv[0], kv[1])
+
+
+@pytest.mark.parametrize(
+    "kind, length, options",
+    [("int8", 70, {}), ("fp8", 1, {}), ("int4", 100, dict(residual=32)), ("int4", 20, {})],
+    ids=["int8", "fp8_one_token", "int4_window", "int4_window_only"],
+)
+def test_cache_kernel_path_matches_xla(kind, length, options):
+    cache = _filled_cache(kind, length, **options)
+    q = jax.random.normal(jax.random.key(0), (2, 1, 8, 64))
+    kernel = cache._attend_kernel(q, interpret=True)
+    xla = cache._attend_xla(q)
+    assert kernel.shape == xla.shape == (2, 1, 8, 64)
+    assert _max_err(kernel, xla) < 2e-5
+
+
+def test_cache_chooses_kernel_only_where_it_applies():
+    h100 = dict(backend="gpu", compute_capability=(9, 0))
+    cache = _filled_cache("int4", 40)
+    q1, q4 = jnp.ones((2, 1, 8, 64), jnp.bfloat16), jnp.ones((2, 4, 8, 64), jnp.bfloat16)
+    assert cache.attention_path(q1, **h100) == "kernel"
+    assert cache.attention_path(q4, **h100) == "xla"  # prefill: several tokens
+    assert cache.attention_path(q1) == "xla"  # this machine: CPU
+    grouped = _filled_cache("int8", 10, value_group_size=32)  # channel groups per token
+    assert grouped.attention_path(q1, **h100) == "xla"
+    # On the CPU, attend is the XLA path.
+    np.testing.assert_array_equal(cache.attend(q1), cache._attend_xla(q1))
