@@ -1,0 +1,103 @@
+"""End-to-end decode speed of the reference Llama: bf16 vs W4A16 weights, bf16 vs quantized cache.
+
+A synthetic Llama with Llama-3.2-1B shapes (dim 2048, 16 layers, FFN 8192, 32 query / 8 KV heads
+of 64, vocab 128256, tied embeddings; random bf16 weights: speed does not depend on the values)
+generates `--new` tokens after a `--prompt`-token prompt with `jqtz.models.llama.generate`
+(prefill, then a jitted `lax.scan` of one-token steps). Reported per configuration: decode
+tokens/s (batch x new tokens / time of the whole generate call minus a prefill-only call), the
+weight bytes, and which path the matrix products and the attention took (Pallas kernel or XLA).
+
+On an NVIDIA GPU the W4A16 products go through `pallas_kernels.w4a16` and the int8 cache's
+attention through `pallas_kernels.decode_attention`; elsewhere everything is XLA, and the
+numbers say nothing about GPU speed (`--tiny` is a smoke run for such machines).
+
+Usage:
+  python examples/bench_decode.py                 # on a GPU
+  python examples/bench_decode.py --tiny --new 8  # a quick CPU check of the code path
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import time
+
+import jax
+import jax.numpy as jnp
+
+import jqtz
+from jqtz.models.llama import Llama, LlamaConfig, generate
+from jqtz.models.quantized_kv_cache import quantized_cache_factory
+
+
+def config(tiny: bool, max_len: int) -> LlamaConfig:
+    if tiny:
+        return LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
+                           hidden_dim=512, max_seq_len=max_len, tie_embeddings=True,
+                           dtype=jnp.bfloat16)  # fmt: skip
+    return LlamaConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                       hidden_dim=8192, max_seq_len=max_len, tie_embeddings=True,
+                       rope_theta=500000.0, dtype=jnp.bfloat16)  # fmt: skip
+
+
+def _bytes(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def _paths(cfg, params, factory, batch) -> str:
+    """Which path one decode step's products and attention take, in words."""
+    from pallas_kernels import dispatch
+
+    x = jnp.ones((batch, cfg.dim), cfg.dtype)
+    w = params["params"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
+    mm = dispatch.kernel_for(x, w) or "xla"
+    attention = "xla"
+    if factory:
+        cache = factory["cache_factory"](cfg, batch, cfg.max_seq_len)[0]
+        attention = cache.attention_path(jnp.ones((batch, 1, cfg.n_heads, cfg.head_dim), cfg.dtype))
+    return f"matmul {mm}, attention {attention}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer model (CPU smoke run)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    args = ap.parse_args(argv)
+    cfg = config(args.tiny, args.prompt + args.new)
+    model = Llama(cfg)
+    prompt = jax.random.randint(jax.random.key(0), (args.batch, args.prompt), 0, cfg.vocab_size)
+    params = jax.jit(model.init)(jax.random.key(1), prompt[:, :1])
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    rule = jqtz.Rule(r".*", jqtz.QuantSpec(format="int4", granularity="group", group_size=128,
+                                           scale_dtype="bfloat16"))  # fmt: skip
+    w4 = jqtz.quantize_params(params, [rule])
+    dev = jax.devices()[0]
+    print(
+        f"{datetime.date.today()}  device {dev.device_kind} ({jax.default_backend()}), "
+        f"jax {jax.__version__}; batch {args.batch}, prompt {args.prompt}, new {args.new}"
+    )
+    print(f"{'weights':>8} {'cache':>6} {'weight MiB':>11} {'tokens/s':>9}  paths")
+    for name, p in (("bf16", params), ("w4a16", w4)):
+        for cache in ("bf16", "int8"):
+            factory = {} if cache == "bf16" else {"cache_factory": quantized_cache_factory(cache)}
+
+            def run(n, p=p, factory=factory):
+                return jax.block_until_ready(generate(model, p, prompt, n, **factory))
+
+            run(1), run(args.new)  # compile both
+            t0 = time.perf_counter()
+            run(1)
+            t_prefill = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            run(args.new)
+            t = time.perf_counter() - t0 - t_prefill
+            rate = args.batch * (args.new - 1) / max(t, 1e-9)
+            print(f"{name:>8} {cache:>6} {_bytes(p) / 2**20:11.1f} {rate:9.1f}  "
+                  f"{_paths(cfg, p, factory, args.batch)}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
