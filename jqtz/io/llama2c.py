@@ -222,3 +222,7 @@ class SentencePieceTokenizer:
     def decode(self, ids) -> str:
         """Text of ``ids`` (a sequence of ints or a 1-D array); BOS/EOS ids are dropped."""
         return self._sp.decode([int(i) for i in ids])
+
+    def model_proto(self) -> bytes:
+        """The serialized SentencePiece model (what a ``.model`` file holds)."""
+        return self._sp.serialized_model_proto()

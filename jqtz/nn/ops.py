@@ -39,7 +39,7 @@ import numpy as np
 
 from jqtz import formats
 from jqtz.qarray import QArray
-from jqtz.quantize import _quantize
+from jqtz.quantize import quantize_unchecked
 
 _DN = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]
 
@@ -97,7 +97,7 @@ def quantize_input(x, rhs: QArray) -> QArray:
         scale = jnp.broadcast_to(scale, _blocks.num_blocks(x.shape, block)).astype(spec.scale_dtype)
         if spec.storage_format.has_zero_point:
             raise NotImplementedError("static activation ranges with zero points")
-    return _quantize(x, spec, block, scale, zero, np.dtype(jnp.float32))
+    return quantize_unchecked(x, spec, block, scale, zero, np.dtype(jnp.float32))
 
 
 def _native_pair(a: formats.Format, w: formats.Format):

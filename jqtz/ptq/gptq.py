@@ -71,7 +71,7 @@ from jax import lax
 
 from jqtz import _blocks
 from jqtz.qarray import QArray
-from jqtz.quantize import _quantize
+from jqtz.quantize import quantize_unchecked
 from jqtz.ranges import choose_qparams
 from jqtz.spec import QuantSpec
 
@@ -269,7 +269,7 @@ def _make_plan(w, spec, block_size, act_order, static_groups) -> _Plan:
 
 
 def _fake_quant(x, s, z, fmt):
-    """Quantize-dequantize with the same float32 operations as `_quantize` and `dequantize`."""
+    """Quantize-dequantize with the float32 operations of `quantize_unchecked`, `dequantize`."""
     scaled = x / s
     if z is not None:
         scaled = scaled + z
@@ -355,11 +355,12 @@ def _run(w, hessian, percdamp, damp_step, max_tries, plan: _Plan):
     if plan.dynamic:  # codes stay in processing order, where the groups are contiguous
         ng = _blocks.num_blocks((n, out), plan.block)[0]
         z_tab = None if z_tab is None else z_tab[:ng]
-        qarray = _quantize(q, spec, plan.block, s_tab[:ng], z_tab, plan.dtype)
+        qarray = quantize_unchecked(q, spec, plan.block, s_tab[:ng], z_tab, plan.dtype)
         if plan.act_order:
             qarray = dataclasses.replace(qarray, perm=perm.astype(jnp.int32))
     else:
-        qarray = _quantize(q[jnp.argsort(perm)], spec, plan.block, s_tab, z_tab, plan.dtype)
+        unpermuted = q[jnp.argsort(perm)]
+        qarray = quantize_unchecked(unpermuted, spec, plan.block, s_tab, z_tab, plan.dtype)
     res = GPTQResult(
         qarray=qarray,
         loss=loss,

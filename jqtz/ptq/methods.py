@@ -194,6 +194,7 @@ def _awq(recipe):
                 fp_output=jnp.concatenate(fp_out),
                 n_grid=opts.n_grid,
                 duo_scaling=opts.duo_scaling,
+                grid_chunk=opts.grid_chunk,
             )
             _absorb(ctx, group, search.scales)
             ctx.note(names, f"ratio {search.ratio:.2f}", time.perf_counter() - t0)

@@ -57,9 +57,16 @@ class GPTQOptions:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AWQOptions:
-    """AWQ (Lin et al. 2023): grid of scale exponents, duo scaling, clip search."""
+    """AWQ (Lin et al. 2023): grid of scale exponents, duo scaling, clip search.
+
+    `grid_chunk` candidates are scored together (under `vmap`); each costs one forward pass of
+    the block on the scoring samples in memory, so 1 keeps the bound of one block's activations
+    (SmolLM2-135M: peak 3.7 GB with 4, see docs/results.md); raise it on an accelerator with
+    memory to spare.
+    """
 
     n_grid: int = 20
+    grid_chunk: int = 1
     duo_scaling: bool = True
     clip: bool = True
     clip_grid: int = 20

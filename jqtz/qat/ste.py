@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jqtz import _blocks, formats
-from jqtz.quantize import _SCALE_SPEC, _quantize
+from jqtz.quantize import SCALE_SPEC, quantize_unchecked
 from jqtz.ranges import choose_qparams
 from jqtz.spec import QuantSpec
 
@@ -110,7 +110,7 @@ def _parts(cfg: _Config, x, s, s_dec, z):
             z = effective_zero_point(z, cfg.fmt)
     rank = len(cfg.block)
     xb = _blocks.to_blocks(x.astype(jnp.float32), cfg.block, fill=0)
-    # The same operations, in the same order, as `jqtz.quantize._quantize` and
+    # The same operations, in the same order, as `jqtz.quantize.quantize_unchecked` and
     # `QArray.dequantize`: this is what makes the forward pass bitwise equal to PTQ's.
     u = xb / _blocks.expand(s, rank)
     ze = None if z is None else _blocks.expand(z, rank)
@@ -172,8 +172,9 @@ def ptq_qparams(x: jax.Array, spec: QuantSpec, block: tuple[int, ...]):
     scale, zero = choose_qparams(x.astype(jnp.float32), spec, block)
     s = s_dec = scale.astype(jnp.float32)
     if spec.double_quant:
-        sblock = _SCALE_SPEC.block_shape_for(s.shape)
-        s_dec = _quantize(s, _SCALE_SPEC, sblock, None, None, np.dtype(np.float32)).dequantize()
+        sblock = SCALE_SPEC.block_shape_for(s.shape)
+        stored = quantize_unchecked(s, SCALE_SPEC, sblock, None, None, np.dtype(np.float32))
+        s_dec = stored.dequantize()
         s = jnp.where(s_dec > 0, s_dec, 1.0)
     return s, s_dec, None if zero is None else zero.astype(jnp.float32)
 
