@@ -89,8 +89,8 @@ class CrossCheck(NamedTuple):
 def crosscheck(texts: list[str] = SENTENCES) -> CrossCheck:
     """Embeds `texts` with jqtz and with transformers and compares them."""
     folder = minilm_path()
-    config, params, tokenizer = load_hf_bert(folder)
-    ours = embed(config, params, tokenizer, texts, batch_size=8)
+    config, variables, tokenizer = load_hf_bert(folder)
+    ours = embed(config, variables, tokenizer, texts, batch_size=8)
     reference, slow_ids = transformers_embeddings(folder, texts, tokenizer.max_length)
     input_ids, attention_mask = tokenizer.encode_batch(texts)
     our_ids = [row[m == 1].tolist() for row, m in zip(input_ids, attention_mask, strict=True)]

@@ -43,27 +43,27 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     args = ap.parse_args(argv)
 
-    config, params, tok = load_hf_bert(minilm_path())
+    config, variables, tok = load_hf_bert(minilm_path())
     paras = paragraphs()
     calib, held_out = paras[: args.samples], paras[args.samples : args.samples + 256]
     ids, mask = tok.encode_batch(calib)
     ids, mask = ids[:, : args.seq_len], mask[:, : args.seq_len]
     sets = {"tinystories (held out)": held_out, "default corpus": default_sentences(256)}
 
-    def embed_fn(p):
+    def embed_fn(v):
         def f(texts):
             with jqtz.nn.quantized_ops():
-                return embed(config, p, tok, texts)
+                return embed(config, v, tok, texts)
 
         return f
 
-    base = embed_fn(params)
+    base = embed_fn(variables)
     rows = []
     for method in args.methods:
         spec = default_spec(method, bits=args.bits, group_size=args.group_size or None)
         t0 = time.perf_counter()
         q, _ = quantize_model(
-            {"params": params},
+            variables,
             bert_layout(config),
             (jnp.asarray(ids), jnp.asarray(mask)),
             Recipe(method=method, spec=spec),
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
         row = {"method": method, "bits": args.bits, "seconds": seconds}
         for name, texts in sets.items():
-            fid = embedding_fidelity(base, embed_fn(q["params"]), texts)
+            fid = embedding_fidelity(base, embed_fn(q), texts)
             row[name] = {"mean_cosine": fid.mean_cosine, "min_cosine": fid.min_cosine}
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -96,7 +96,7 @@ class Progress:
 class Loaded:
     kind: str  # "llama" or "bert"
     config: Any
-    params: Any
+    params: Any  # flax variables {"params": ...}, for every kind and source
     tokenizer: Any
     source: str  # what was loaded, as the user would name it again
     quantized_folder: pathlib.Path | None = None  # set for jqtz folders

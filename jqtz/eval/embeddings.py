@@ -97,10 +97,10 @@ def embedding_fidelity(
     Example:
         >>> from functools import partial  # doctest: +SKIP
         >>> from jqtz.io.hf_bert import embed, load_hf_bert, minilm_path  # doctest: +SKIP
-        >>> config, params, tokenizer = load_hf_bert(minilm_path())  # doctest: +SKIP
-        >>> qparams = jqtz.quantize_params(params, jqtz.QuantSpec(format="int8"))  # doctest: +SKIP
-        >>> embedding_fidelity(partial(embed, config, params, tokenizer),
-        ...                    partial(embed, config, qparams, tokenizer))  # doctest: +SKIP
+        >>> config, variables, tokenizer = load_hf_bert(minilm_path())  # doctest: +SKIP
+        >>> qvars = jqtz.quantize_params(variables, jqtz.QuantSpec(format="int8"))  # doctest: +SKIP
+        >>> embedding_fidelity(partial(embed, config, variables, tokenizer),
+        ...                    partial(embed, config, qvars, tokenizer))  # doctest: +SKIP
     """
     if texts is None:
         texts = default_sentences(DEFAULT_SENTENCES)

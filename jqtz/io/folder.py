@@ -95,7 +95,9 @@ def save_quantized(
             files are replaced).
         kind: `"llama"` or `"bert"`.
         config: the `LlamaConfig` / `BertConfig` of the model.
-        params: a tree of nested dicts (string keys) whose leaves are arrays or `QArray`s.
+        params: a tree of nested dicts (string keys) whose leaves are arrays or `QArray`s,
+            usually flax variables `{"params": ...}` as the loaders return them; stored as
+            given, and `load_quantized` returns the same tree.
         tokenizer: a `jqtz.io` tokenizer (`Tokenizer`, `BertTokenizer`,
             `SentencePieceTokenizer`) or None.
         report: a `QuantReport` (or its `to_dict()`), kept in the manifest; optional.

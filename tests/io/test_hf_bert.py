@@ -19,7 +19,9 @@ import safetensors.numpy
 import tokenizers
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
+import jqtz
 from jqtz.io import hf_bert
+from jqtz.io.folder import PARAMS, load_quantized, save_quantized
 from jqtz.io.hf_bert import embed, load_hf_bert, minilm_path
 from jqtz.models.bert import BertModel, mean_pool
 
@@ -155,27 +157,46 @@ def test_loaded_model_matches_numpy_reference(tmp_path, tiny_tensors, prefix, ex
         stored["pooler.dense.weight"] = np.ones((16, 16), np.float32)
         stored["pooler.dense.bias"] = np.ones((16,), np.float32)
         stored["bert.embeddings.position_ids"] = np.arange(24)[None].astype(np.int64)
-    config, params, tokenizer = load_hf_bert(write_folder(tmp_path, stored))
+    config, variables, tokenizer = load_hf_bert(write_folder(tmp_path, stored))
     ids, mask = tokenizer.encode_batch(["the cat sat on the mat.", "a big red dog ran home"])
-    hidden = BertModel(config).apply({"params": params}, ids, mask)
+    hidden = BertModel(config).apply(variables, ids, mask)
     ref_hidden, ref_pooled = numpy_bert(tiny_tensors, TINY_HF, ids, mask)
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(hidden)[real], ref_hidden[real], atol=2e-5)
     np.testing.assert_allclose(mean_pool(hidden, mask), ref_pooled, atol=2e-6)
 
 
+def test_returns_flax_variables_of_numpy_float32(tmp_path, tiny_tensors):
+    """`{"params": tree}` of C-contiguous float32 numpy arrays, as the Llama loaders return."""
+    config, variables, _ = load_hf_bert(write_folder(tmp_path, tiny_tensors))
+    assert list(variables) == ["params"]
+    params = variables["params"]
+    assert sorted(params) == ["embeddings", "layer_0", "layer_1"]
+    leaves = jax.tree_util.tree_leaves(variables)
+    assert len(leaves) == len(tiny_tensors)
+    for leaf in leaves:
+        assert type(leaf) is np.ndarray and leaf.dtype == np.float32, type(leaf)
+        assert leaf.flags.c_contiguous
+    # The tree matches the model's own init, path for path and shape for shape.
+    ids = jnp.zeros((1, 4), jnp.int32)
+    init = jax.eval_shape(BertModel(config).init, jax.random.key(0), ids, ids)
+    assert jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(variables)
+    assert jax.tree.map(lambda x: x.shape, init) == jax.tree.map(np.shape, variables)
+
+
 def test_kernels_are_transposed_to_in_out(tmp_path, tiny_tensors):
-    _, params, _ = load_hf_bert(write_folder(tmp_path, tiny_tensors))
+    _, variables, _ = load_hf_bert(write_folder(tmp_path, tiny_tensors))
+    kernel = variables["params"]["layer_1"]["intermediate"]["kernel"]
     hf = tiny_tensors["encoder.layer.1.intermediate.dense.weight"]  # (F, D) = [out, in]
-    np.testing.assert_array_equal(params["layer_1"]["intermediate"]["kernel"], hf.T)
-    assert params["layer_1"]["intermediate"]["kernel"].dtype == jnp.float32
+    np.testing.assert_array_equal(kernel, hf.T)
+    assert kernel.dtype == np.float32
 
 
 def test_half_precision_tensors_load_as_float32(tmp_path, tiny_tensors):
     half = {name: array.astype(np.float16) for name, array in tiny_tensors.items()}
-    _, params, _ = load_hf_bert(write_folder(tmp_path, half))
-    emb = params["embeddings"]["word_embeddings"]["embedding"]
-    assert emb.dtype == jnp.float32
+    _, variables, _ = load_hf_bert(write_folder(tmp_path, half))
+    emb = variables["params"]["embeddings"]["word_embeddings"]["embedding"]
+    assert emb.dtype == np.float32
     np.testing.assert_array_equal(emb, half["embeddings.word_embeddings.weight"].astype(np.float32))
 
 
@@ -284,16 +305,47 @@ def test_max_length_defaults_to_sentence_transformers_config(tmp_path, tiny_tens
 
 
 def test_embed_keeps_order_across_sorted_padded_batches(tmp_path, tiny_tensors):
-    config, params, tokenizer = load_hf_bert(write_folder(tmp_path, tiny_tensors))
+    config, variables, tokenizer = load_hf_bert(write_folder(tmp_path, tiny_tensors))
     texts = ["cat", "the big red dog ran home .", "a mat", "", "the dogs sat on the mat , home"]
-    batched = embed(config, params, tokenizer, texts, batch_size=2)
-    one_by_one = np.concatenate([embed(config, params, tokenizer, [t]) for t in texts])
+    batched = embed(config, variables, tokenizer, texts, batch_size=2)
+    one_by_one = np.concatenate([embed(config, variables, tokenizer, [t]) for t in texts])
     ids, mask = tokenizer.encode_batch(texts)
     np.testing.assert_allclose(batched, numpy_bert(tiny_tensors, TINY_HF, ids, mask)[1], atol=2e-6)
     np.testing.assert_allclose(batched, one_by_one, atol=2e-6)
-    assert embed(config, params, tokenizer, []).shape == (0, config.hidden)
+    assert embed(config, variables, tokenizer, []).shape == (0, config.hidden)
     with pytest.raises(ValueError, match="`batch_size`"):
-        embed(config, params, tokenizer, texts, batch_size=0)
+        embed(config, variables, tokenizer, texts, batch_size=0)
+
+
+def test_embed_rejects_a_bare_params_tree_naming_the_fix(tmp_path, tiny_tensors):
+    config, variables, tokenizer = load_hf_bert(write_folder(tmp_path, tiny_tensors))
+    fix = r"\{'params': \.\.\.\}.*load_hf_bert.*\{'params': params\}"
+    with pytest.raises(ValueError, match=fix):
+        embed(config, variables["params"], tokenizer, ["the cat"])
+    with pytest.raises(ValueError, match=r"got a list.*\{'params': params\}"):
+        embed(config, [variables["params"]], tokenizer, ["the cat"])
+    # Wrapping, as the message says, works.
+    wrapped = embed(config, {"params": variables["params"]}, tokenizer, ["the cat"])
+    np.testing.assert_array_equal(wrapped, embed(config, variables, tokenizer, ["the cat"]))
+
+
+def test_quantized_folder_round_trips_and_embeds_after_loading(tmp_path, tiny_tensors):
+    """A saved BERT folder holds the variables as given; loaded, it embeds as saved."""
+    config, variables, tokenizer = load_hf_bert(write_folder(tmp_path / "hf", tiny_tensors))
+    qvars = jqtz.quantize_params(variables, jqtz.QuantSpec(format="int8"))
+    out = save_quantized(
+        tmp_path / "q", kind="bert", config=config, params=qvars, tokenizer=tokenizer
+    )
+    keys = list(safetensors.numpy.load_file(out / PARAMS))
+    assert "params/embeddings/word_embeddings/embedding" in keys
+    assert "params/layer_1/intermediate/kernel::qvalue" in keys
+    kind, _, loaded, loaded_tokenizer = load_quantized(out)
+    assert kind == "bert" and list(loaded) == ["params"]
+    texts = ["the cat sat on the mat .", "a big red dog"]
+    with jqtz.nn.quantized_ops():
+        want = embed(config, qvars, tokenizer, texts)
+        got = embed(config, loaded, loaded_tokenizer, texts)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_minilm_path_says_how_to_install(monkeypatch):
@@ -342,22 +394,22 @@ def test_minilm_embeddings_are_unit_norm(minilm, minilm_triples):
 
 
 def test_minilm_padding_invariance(minilm):
-    config, params, tokenizer = minilm
+    config, variables, tokenizer = minilm
     short, long = "A cat sleeps.", "The committee reviewed the long proposal and voted on it twice."
     model = BertModel(config)
     alone_ids, alone_mask = tokenizer.encode_batch([short])
     ids, mask = tokenizer.encode_batch([short, long])
     assert ids.shape[1] > alone_ids.shape[1]  # the short one really is padded in the batch
-    forward = jax.jit(lambda i, m: mean_pool(model.apply({"params": params}, i, m), m))
+    forward = jax.jit(lambda i, m: mean_pool(model.apply(variables, i, m), m))
     np.testing.assert_allclose(forward(ids, mask)[0], forward(alone_ids, alone_mask)[0], atol=1e-6)
 
 
 def test_minilm_jit_matches_eager(minilm):
-    config, params, tokenizer = minilm
+    config, variables, tokenizer = minilm
     ids, mask = tokenizer.encode_batch(["Quantized weights, same meaning.", "Hi."])
     model = BertModel(config)
-    eager = mean_pool(model.apply({"params": params}, ids, mask), mask)
-    jitted = jax.jit(lambda i, m: mean_pool(model.apply({"params": params}, i, m), m))(ids, mask)
+    eager = mean_pool(model.apply(variables, ids, mask), mask)
+    jitted = jax.jit(lambda i, m: mean_pool(model.apply(variables, i, m), m))(ids, mask)
     np.testing.assert_allclose(jitted, eager, atol=1e-6)
 
 
@@ -367,13 +419,13 @@ def test_docstring_examples_run(minilm):
 
 
 def test_minilm_matches_numpy_reference(minilm):
-    config, params, tokenizer = minilm
+    config, variables, tokenizer = minilm
     texts = ["The quick brown fox jumps over the lazy dog.", "Sentence embeddings, checked."]
     tensors = safetensors.numpy.load_file(str(minilm_path() / "model.safetensors"))
     hf_config = json.loads((minilm_path() / "config.json").read_text())
     ids, mask = tokenizer.encode_batch(texts)
     reference = numpy_bert(tensors, hf_config, ids, mask)[1]
-    ours = embed(config, params, tokenizer, texts)
+    ours = embed(config, variables, tokenizer, texts)
     assert np.sum(ours * reference, axis=-1).min() >= 0.99999
     # float32 noise is ~2e-7; the tanh approximation of GELU would give 3e-4.
     assert np.abs(ours - reference).max() < 1e-5
