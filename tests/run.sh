@@ -38,4 +38,4 @@ fi
 
 .venv/bin/ruff check jqtz pallas_kernels tests examples
 .venv/bin/ruff format --check jqtz pallas_kernels tests examples
-.venv/bin/python -m pytest -n 2 --doctest-modules jqtz tests "$@"
+.venv/bin/python -m pytest -n 2 --doctest-modules jqtz pallas_kernels tests "$@"
