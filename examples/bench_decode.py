@@ -19,7 +19,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime
 import time
 
 import jax
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import jqtz
 from jqtz.models.llama import Llama, LlamaConfig, generate
 from jqtz.models.quantized_kv_cache import quantized_cache_factory
+from pallas_kernels import common
 
 
 def config(tiny: bool, max_len: int) -> LlamaConfig:
@@ -73,11 +73,7 @@ def main(argv=None) -> int:
     rule = jqtz.Rule(r".*", jqtz.QuantSpec(format="int4", granularity="group", group_size=128,
                                            scale_dtype="bfloat16"))  # fmt: skip
     w4 = jqtz.quantize_params(params, [rule])
-    dev = jax.devices()[0]
-    print(
-        f"{datetime.date.today()}  device {dev.device_kind} ({jax.default_backend()}), "
-        f"jax {jax.__version__}; batch {args.batch}, prompt {args.prompt}, new {args.new}"
-    )
+    print(common.bench_header(f"batch {args.batch}, prompt {args.prompt}, new {args.new}"))
     print(f"{'weights':>8} {'cache':>6} {'weight MiB':>11} {'tokens/s':>9}  paths")
     for name, p in (("bf16", params), ("w4a16", w4)):
         for cache in ("bf16", "int8"):

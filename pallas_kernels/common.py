@@ -106,6 +106,14 @@ def measure_copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / time_fn(copy, x, iters=20)
 
 
+def bench_header(extra: str = "") -> str:
+    """The first line of a benchmark's output: date, device, jax version (and `extra`)."""
+    import datetime
+
+    line = f"{datetime.date.today()}  device {jax.devices()[0].device_kind}, jax {jax.__version__}"
+    return f"{line}; {extra}" if extra else line
+
+
 def require_gpu_or_exit(name: str) -> bool:
     """True on an NVIDIA GPU; otherwise prints that no GPU is present (the caller exits 0)."""
     if gpu_compute_capability() is None:

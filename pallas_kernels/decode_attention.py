@@ -544,8 +544,7 @@ def main(argv=None) -> int:
     if not common.require_gpu_or_exit("decode_attention"):
         return 0
     b, h, hkv, d = args.batch, args.heads, args.kv_heads, args.head_dim
-    print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}; B={b} H={h} Hkv={hkv} "
-          f"D={d} page={args.page}")  # fmt: skip
+    print(common.bench_header(f"B={b} H={h} Hkv={hkv} D={d} page={args.page}"))
     bw = common.measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     print(f"{'kind':>6} {'context':>8} {'kernel us':>10} {'xla bf16 us':>12} {'speedup':>8} "

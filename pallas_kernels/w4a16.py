@@ -403,7 +403,7 @@ def _bench(bits: int, shapes, ms, group: int) -> None:
     import jqtz
 
     bw = common.measure_copy_bandwidth()
-    print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, copy {bw / 1e9:.0f} GB/s")
+    print(common.bench_header(f"copy {bw / 1e9:.0f} GB/s"))
     print(
         f"{'M':>5} {'N':>6} {'K':>6} {'kernel us':>10} {'bf16 us':>9} {'speedup':>8} "
         f"{'GB/s':>7} {'roofline':>8}"

@@ -227,7 +227,7 @@ def main(argv=None) -> int:
         return 0
     if not common.require_gpu_or_exit("w8a8"):
         return 0
-    print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print(common.bench_header())
     print(
         f"{'dtype':>6} {'M':>5} {'N':>6} {'K':>6} {'kernel us':>10} {'bf16 us':>9} "
         f"{'speedup':>8} {'TFLOP/s':>8}"
