@@ -45,7 +45,7 @@ from jqtz import _blocks
 from jqtz.quantize import quantize
 from jqtz.spec import QuantSpec
 
-BlockOutput = Callable[[list[jax.Array]], jax.Array]
+BlockOutput = Callable[..., jax.Array]
 
 
 @jax.tree_util.register_dataclass
@@ -178,6 +178,7 @@ def search_scales(
     n_grid: int = 20,
     duo_scaling: bool = True,
     grid_chunk: int | None = 4,
+    operands=(),
 ) -> ScaleSearch:
     """Grid-search AWQ's per-input-channel scale for the linears that share the input `x`.
 
@@ -192,16 +193,20 @@ def search_scales(
         `x_mean = mean |x|` per channel; or that statistic itself, `[in]` (a single row is its
         own mean |x|), when a runner accumulates it over batches.
       weights: kernels `[in, out_k]` fed by `x` (q, k, v; gate, up; or one kernel).
-      block_output: a pure, traceable function `scaled_weights -> array`. `scaled_weights` is
-        a list like `weights` holding `Q(W * s) / s` (already divided by `s`, in each kernel's
-        dtype). It returns the output the search scores: the whole attention or MLP block
-        computed on the calibration input it closes over, with these kernels in place of the
-        originals (the block's other weights unquantized). It is traced once per grid chunk
+      block_output: a pure, traceable function `(scaled_weights, *operands) -> array`.
+        `scaled_weights` is a list like `weights` holding `Q(W * s) / s` (already divided by
+        `s`, in each kernel's dtype). It returns the output the search scores: the whole
+        attention or MLP block computed on the calibration input, with these kernels in place
+        of the originals (the block's other weights unquantized). The grid is one jitted
+        program, compiled once per `block_output` (by identity) and shapes: pass the block's
+        parameters and inputs as `operands` rather than closing over them, and reuse the same
+        function for every block, so that a model's blocks share one compilation. It runs
         under `vmap`, so it must not convert arrays to Python values.
-      fp_output: the full-precision block output; None: `block_output(weights)`.
+      fp_output: the full-precision block output; None: `block_output(weights, *operands)`.
       spec: the weight quantizer (AWQ: int4, group 128, asymmetric), contraction axis 0.
       n_grid: grid points.
       duo_scaling: divide by `w_mean^(1-r)` as AutoAWQ does (see `candidate_scales`).
+      operands: arrays (a pytree) passed on to `block_output`.
       grid_chunk: candidates evaluated together; None: all at once. Peak memory is about
         `grid_chunk` forward passes of the block (for a 7B MLP on 64k tokens, ~9 GB each in
         float32); on a large block 1 loses little, as its matrix products fill the device.
@@ -229,9 +234,32 @@ def search_scales(
 
     x_mean = jnp.mean(jnp.abs(x.reshape(-1, n_in).astype(jnp.float32)), axis=0)
     w_mean = weight_mean(weights, spec)
+    operands = tuple(operands)
     if fp_output is None:
-        fp_output = block_output(weights)
+        fp_output = block_output(weights, *operands)
     reference = jnp.asarray(fp_output, jnp.float32)
+    out = jax.eval_shape(block_output, weights, *operands)
+    if out.shape != reference.shape:
+        raise ValueError(
+            f"`block_output` returned shape {out.shape} for candidate weights but "
+            f"`fp_output` has shape {reference.shape}; they must match"
+        )
+    losses = _grid_losses(
+        block_output, spec, n_grid, duo_scaling, grid_chunk or n_grid,
+        x_mean, w_mean, weights, reference, operands,
+    )  # fmt: skip
+    ratios = jnp.arange(n_grid, dtype=jnp.float32) / n_grid
+    best = jnp.argmin(jnp.where(jnp.isnan(losses), jnp.inf, losses))
+    ratio = ratios[best]
+    scales = candidate_scales(x_mean, w_mean, ratio, duo_scaling=duo_scaling)
+    return ScaleSearch(scales=scales, ratio=ratio, losses=losses)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _grid_losses(
+    block_output, spec, n_grid, duo_scaling, chunk, x_mean, w_mean, weights, reference, operands
+):
+    """The block-output MSE of every grid point, `chunk` candidates at a time (one program)."""
 
     def loss_of(ratio):
         s = candidate_scales(x_mean, w_mean, ratio, duo_scaling=duo_scaling)
@@ -239,20 +267,11 @@ def search_scales(
         scaled = [
             (_fake_quant(w.astype(jnp.float32) * col, spec) / col).astype(w.dtype) for w in weights
         ]
-        out = jnp.asarray(block_output(scaled), jnp.float32)
-        if out.shape != reference.shape:
-            raise ValueError(
-                f"`block_output` returned shape {out.shape} for candidate weights but "
-                f"`fp_output` has shape {reference.shape}; they must match"
-            )
+        out = jnp.asarray(block_output(scaled, *operands), jnp.float32)
         return jnp.mean((out - reference) ** 2)
 
     ratios = jnp.arange(n_grid, dtype=jnp.float32) / n_grid
-    losses = jax.lax.map(loss_of, ratios, batch_size=grid_chunk or n_grid)
-    best = jnp.argmin(jnp.where(jnp.isnan(losses), jnp.inf, losses))
-    ratio = ratios[best]
-    scales = candidate_scales(x_mean, w_mean, ratio, duo_scaling=duo_scaling)
-    return ScaleSearch(scales=scales, ratio=ratio, losses=losses)
+    return jax.lax.map(loss_of, ratios, batch_size=chunk)
 
 
 def apply_clip(w: jax.Array, max_val: jax.Array, spec: QuantSpec) -> jax.Array:

@@ -164,11 +164,24 @@ def _awq(recipe):
     from jqtz.ptq import awq
 
     opts = recipe.options
+    scorers = {}  # one block-output function per group, shared by every block
+
+    def scorer(ctx: BlockContext, names):
+        if names not in scorers:
+
+            def block_output(scaled, params, batches):
+                for n, w in zip(names, scaled, strict=True):
+                    params = ctx.with_leaf(params, f"{n}/kernel", w)
+                outs = [ctx.run(params, x, aux) for x, aux in batches]
+                return jnp.concatenate(outs)
+
+            scorers[names] = block_output
+        return scorers[names]
 
     def run(ctx: BlockContext):
         groups = ctx.layout.groups
         batches = ctx.score_batches()
-        fp_out = [ctx.run(ctx.params, x, aux) for x, aux in batches]
+        fp_out = jnp.concatenate([ctx.run(ctx.params, x, aux) for x, aux in batches])
         # 1. Scale search on the full-precision block, every group, then fold (AWQ applies all
         #    scales of a block before quantizing any of it).
         stats = ctx.capture(tuple(groups))
@@ -178,23 +191,16 @@ def _awq(recipe):
                 continue
             t0 = time.perf_counter()
             names = group.linears
-
-            def block_output(scaled, names=names):
-                p = ctx.params
-                for n, w in zip(names, scaled, strict=True):
-                    p = ctx.with_leaf(p, f"{n}/kernel", w)
-                outs = [ctx.run(p, x, aux) for x, aux in batches]
-                return jnp.concatenate(outs)
-
             search = awq.search_scales(
                 stats[names[0]].mean_abs,
                 [ctx.kernel(n) for n in names],
-                block_output,
+                scorer(ctx, names),
                 specs[0],
-                fp_output=jnp.concatenate(fp_out),
+                fp_output=fp_out,
                 n_grid=opts.n_grid,
                 duo_scaling=opts.duo_scaling,
                 grid_chunk=opts.grid_chunk,
+                operands=(ctx.params, batches),
             )
             _absorb(ctx, group, search.scales)
             ctx.note(names, f"ratio {search.ratio:.2f}", time.perf_counter() - t0)

@@ -61,8 +61,8 @@ class AWQOptions:
 
     `grid_chunk` candidates are scored together (under `vmap`); each costs one forward pass of
     the block on the scoring samples in memory, so 1 keeps the bound of one block's activations
-    (SmolLM2-135M: peak 3.7 GB with 4, see docs/results.md); raise it on an accelerator with
-    memory to spare.
+    (on a 2-core CPU it was also no slower than 4); raise it on an accelerator with memory to
+    spare.
     """
 
     n_grid: int = 20
