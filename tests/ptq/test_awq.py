@@ -200,6 +200,23 @@ def test_search_scales_under_jit(toy_mlp):
     np.testing.assert_allclose(jitted.scales, eager.scales, rtol=1e-5)
 
 
+def test_search_scales_with_operands_compiles_once(toy_mlp):
+    """Blocks pass their arrays as `operands` to one shared `block_output`: one compilation."""
+    x, gate, up, down = toy_mlp
+
+    def block(ws, x, down):
+        return mlp(x, *ws, down)
+
+    closed = awq.search_scales(x, [gate, up], lambda ws: mlp(x, *ws, down), AWQ_G128, n_grid=4)
+    before = awq._grid_losses._cache_size()
+    for seed in range(3):  # three "blocks" of the same shapes
+        d = down if seed == 0 else normal(10 + seed, down.shape, 0.05)
+        found = awq.search_scales(x, [gate, up], block, AWQ_G128, n_grid=4, operands=(x, d))
+        if seed == 0:
+            np.testing.assert_allclose(found.losses, closed.losses, rtol=1e-5)
+    assert awq._grid_losses._cache_size() == before + 1
+
+
 def test_search_scales_from_mean_abs_and_fp_output(toy_mlp):
     """A runner passes the accumulated mean |x| [in] and the fp block output it already has."""
     x, gate, up, down = toy_mlp
