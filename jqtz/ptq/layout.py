@@ -38,8 +38,9 @@ class LinearGroup:
 
     Attributes:
       linears: e.g. `("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj")`.
-      norm: the norm whose output is their input (its `scale`, and `bias` if any, are divided by
-        `s`), e.g. `"input_layernorm"`; or None.
+      norm: the norm whose output is their input and nothing else's (its `scale`, and `bias` if
+        any, are divided by `s`), e.g. a pre-LN model's `"input_layernorm"`; or None. A post-LN
+        model's norms (BERT) also feed the residual stream: they cannot absorb scales.
       prev: a linear whose output is their input (its output columns are divided by `s`), e.g.
         `"self_attn/v_proj"` for `o_proj` when heads are not shared (no GQA); or None.
       score: `"block"` to score AWQ's search on the whole block output (attention and MLP inputs),
@@ -132,7 +133,10 @@ def bert_layout(config) -> ModelLayout:
         groups=(
             LinearGroup(("attention/query", "attention/key", "attention/value")),
             LinearGroup(("attention/output",), prev="attention/value", score="self"),
-            LinearGroup(("intermediate",), norm="attention_norm"),
+            # Post-LN: attention_norm's output is also the residual stream, so scaling it
+            # would change the block; the intermediate layer's input has no producer to fold
+            # into (AWQ: clip + RTN; SmoothQuant: not smoothed).
+            LinearGroup(("intermediate",)),
             LinearGroup(("output",), score="self"),
         ),
         embed=embed,

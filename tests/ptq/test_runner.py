@@ -235,3 +235,62 @@ def test_bert_layout_runs_gptq():
         out = BertModel(config).apply(q, ids)
     ref = BertModel(config).apply(params, ids)
     assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) < 0.2
+
+
+def _mul(tree, path, factor):
+    """`tree` with the leaf at `path` multiplied by `factor`."""
+    key, _, rest = path.partition("/")
+    return {**tree, key: _mul(tree[key], rest, factor) if rest else tree[key] * factor}
+
+
+def _layouts():
+    from jqtz.models.bert import BertConfig, BertModel
+    from jqtz.ptq import bert_layout
+
+    bert = BertConfig(
+        vocab_size=50, hidden=32, n_layers=1, n_heads=4, intermediate=64, max_position=16
+    )
+    ids = jax.random.randint(jax.random.key(0), (2, 12), 0, 50)
+    gqa = Llama(CONFIG).init(jax.random.key(0), ids)
+    mha_config = LlamaConfig(**{**CONFIG.__dict__, "n_kv_heads": 4})
+    mha = Llama(mha_config).init(jax.random.key(0), ids)
+    return {
+        "llama_gqa": (llama_layout(CONFIG), gqa, ids),
+        "llama_mha": (llama_layout(mha_config), mha, ids),
+        "bert": (bert_layout(bert), BertModel(bert).init(jax.random.key(1), ids),
+                 (ids, jnp.ones_like(ids))),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_mha", "bert"])
+def test_every_foldable_group_absorbs_scales_exactly(name):
+    """What a layout says may absorb a per-channel scale (norm or previous linear) does: with
+    random scales folded in, every block computes the same function (AWQ and SmoothQuant rely
+    on it). A post-LN norm, which also feeds the residual stream, would fail this."""
+    layout, params, data = _layouts()[name]
+    block = layout.block_paths[0]
+    x, aux = layout.embed(params, data)
+    bp = params["params"][block]
+    ref = layout.run_block(bp, x, aux)
+    folded = 0
+    for i, group in enumerate(layout.groups):
+        if group.norm is None and group.prev is None:
+            continue
+        w0 = _get_sub(bp, f"{group.linears[0]}/kernel")
+        s = jax.random.uniform(jax.random.key(i), (w0.shape[0],), minval=0.25, maxval=4.0)
+        producer = group.norm or group.prev
+        p = _mul(bp, f"{producer}/{'scale' if group.norm else 'kernel'}", 1 / s)
+        if "bias" in _get_sub(p, producer):
+            p = _mul(p, f"{producer}/bias", 1 / s)
+        for lin in group.linears:
+            p = _mul(p, f"{lin}/kernel", s[:, None])
+        got = layout.run_block(p, x, aux)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=str(group.linears))
+        folded += 1
+    assert folded >= 1
+
+
+def _get_sub(tree, path):
+    for k in path.split("/"):
+        tree = tree[k]
+    return tree
