@@ -73,18 +73,22 @@ W8A8 = {
     "smoothquant-tensor": ("smoothquant", "tensor", "tensor"),
     "w8a8-token": ("rtn", "channel", "channel"),
     "smoothquant": ("smoothquant", "channel", "channel"),
+    # down_proj smoothed through up_proj as well (SmoothQuantOptions(fold_into_linears=True))
+    "smoothquant-linears": ("smoothquant", "channel", "channel"),
 }
 
 
 def recipe(method: str, bits: int, group_size: int):
     from jqtz import QuantSpec
-    from jqtz.ptq import Recipe, default_spec
+    from jqtz.ptq import Recipe, SmoothQuantOptions, default_spec
 
     if method in W8A8:
         base, weights, acts = W8A8[method]
         act = QuantSpec(format="int8", granularity=acts, axis=-1)  # dynamic
         spec = QuantSpec(format="int8", granularity=weights, scale_dtype="float16", activation=act)
-        return Recipe(method=base, spec=spec)
+        linears = method == "smoothquant-linears"
+        options = SmoothQuantOptions(fold_into_linears=True) if linears else None
+        return Recipe(method=base, spec=spec, options=options)
     spec = default_spec(method, bits=bits, group_size=group_size or None)
     return Recipe(method=method, spec=spec)
 
@@ -146,12 +150,15 @@ def main():
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--windows", type=int, default=32, help="0: all")
     ap.add_argument("--method", help=argparse.SUPPRESS)
-    ap.add_argument("--table", metavar="LOG", help="print the table of a saved run's JSON lines")
+    ap.add_argument(
+        "--table", nargs="+", metavar="LOG", help="print the table of saved runs' JSON lines"
+    )
     args = ap.parse_args()
     if args.table:
-        lines = pathlib.Path(args.table).read_text().splitlines()
+        lines = [x for log in args.table for x in pathlib.Path(log).read_text().splitlines()]
         rows = [json.loads(x) for x in lines if x.startswith("{")]
-        rows.sort(key=lambda r: r["method"] != "float32")
+        fp = [r for r in rows if r["method"] == "float32"]
+        rows = fp[-1:] + [r for r in rows if r["method"] != "float32"]
         print_table(rows, args)
         return
     if args.method:

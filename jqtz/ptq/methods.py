@@ -114,9 +114,14 @@ def _smoothquant(recipe):
     from jqtz.ptq.smoothquant import smoothing_scales
 
     alpha = recipe.options.alpha
+    into_linears = recipe.options.fold_into_linears
 
     def run(ctx: BlockContext):
-        groups = [g for g in ctx.layout.groups if g.norm is not None]
+        groups = [
+            g
+            for g in ctx.layout.groups
+            if g.norm is not None or (into_linears and g.prev is not None)
+        ]
         if groups:
             stats = ctx.capture(tuple(groups))
             for group in groups:

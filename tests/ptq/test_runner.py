@@ -175,6 +175,9 @@ RECIPES = {
     "smoothquant-static": Recipe(
         method="smoothquant", options=SmoothQuantOptions(static_activations=True)
     ),
+    "smoothquant-linears": Recipe(
+        method="smoothquant", options=SmoothQuantOptions(fold_into_linears=True)
+    ),
     "llm_int8": Recipe(method="llm_int8"),
     "fp8-static": Recipe(method="fp8", options=FP8Options(mode="static-per-tensor")),
 }
@@ -200,6 +203,20 @@ def _get_path(tree, path):
     for k in path.split("/"):
         tree = tree[k]
     return tree
+
+
+def test_smoothquant_folds_into_linears_only_when_asked(llama):
+    """`fold_into_linears` also smooths down_proj's input through up_proj's output columns."""
+    params, tokens = llama
+    up = "params/layers_0/mlp/up_proj/kernel"
+    out = {}
+    for into in (False, True):
+        recipe = Recipe(method="smoothquant", options=SmoothQuantOptions(fold_into_linears=into))
+        q, _ = quantize_model(params, llama_layout(CONFIG), tokens, recipe)
+        out[into] = _get_path(q, up).dequantize()
+    # Without the fold, up_proj's columns keep their scale; with it they are divided by s.
+    ratio = jnp.abs(out[True]).max(axis=0) / jnp.abs(out[False]).max(axis=0)
+    assert float(jnp.std(ratio)) > 0.05
 
 
 def test_gptq_beats_rtn_on_the_model_output(llama):
