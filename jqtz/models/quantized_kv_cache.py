@@ -537,12 +537,16 @@ class QuantizedKVCache:
         w = self.spec.window
         d, hkv, h = self.head_dim, self.k_recent.shape[2], q.shape[2]
         qg = q[:, 0].astype(jnp.float32).reshape(b, hkv, h // hkv, d)
-        s = jnp.einsum("bkgd,bskd->bkgs", qg, self.k_recent.astype(jnp.float32)) * d**-0.5
+        hi = jax.lax.Precision.HIGHEST  # float32 products (no TF32 on GPUs)
+        s = jnp.einsum("bkgd,bskd->bkgs", qg, self.k_recent.astype(jnp.float32), precision=hi)
+        s = s * d**-0.5
         valid = jnp.arange(w) < self.length - self.flushed
         s = jnp.where(valid, s, da.MASK_VALUE)
         w_lse = jax.nn.logsumexp(s, axis=-1)
         probs = jnp.exp(s - w_lse[..., None])
-        w_out = jnp.einsum("bkgs,bskd->bkgd", probs, self.v_recent.astype(jnp.float32))
+        w_out = jnp.einsum(
+            "bkgs,bskd->bkgd", probs, self.v_recent.astype(jnp.float32), precision=hi
+        )
         merged, _ = da.merge([out, w_out.reshape(b, h, d)], [lse, w_lse.reshape(b, h)])
         return merged[:, None].astype(q.dtype)
 
