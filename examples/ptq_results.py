@@ -196,31 +196,38 @@ def main():
 
 def print_table(rows: list[dict], args) -> None:
     """The markdown table of `rows` (the JSON lines this script prints, float32 first)."""
-    fp = rows[0]["ppl"]
-    fp_other = rows[0].get("ppl_other_domain")
-    rtn = {r["bits"]: r["ppl"] - fp for r in rows if r["method"] == "rtn"}
+    first = rows[0]
+    keys = ["ppl"] + (["ppl_other_domain"] if first.get("ppl_other_domain") else [])
+
+    def gap(r, key):
+        """(d, d / d(RTN) at the same bits or "-", relative change) for perplexity `key`."""
+        fp = first[key]
+        rtn = {x["bits"]: x[key] - fp for x in rows if x["method"] == "rtn"}
+        d = r[key] - fp
+        ratio = f"{d / rtn[r['bits']]:.2f}" if rtn.get(r["bits"], 0) > 0 else "-"
+        return d, ratio, f"{100 * d / fp:+.2f}%"
+
     print(
-        f"\nmodel {args.model}; calibration {rows[0]['calibration']} "
-        f"({args.samples} x {args.seq_len} tokens); evaluation {rows[0]['evaluation']}: "
-        f"{rows[0]['protocol']}; group size {args.group_size or 'per channel'}"
-        + ("; other domain: the default corpus (Python docs), same protocol" if fp_other else "")
+        f"\nmodel {args.model}; calibration {first['calibration']} "
+        f"({args.samples} x {args.seq_len} tokens); evaluation {first['evaluation']}: "
+        f"{first['protocol']}; group size {args.group_size or 'per channel'}"
+        + ("; other domain: the default corpus (Python docs), same protocol" * (len(keys) > 1))
         + "\n"
     )
-    other = " other-domain ppl |" if fp_other else ""
+    other = " other-domain ppl | its d / d(RTN) | its vs float32 |" if len(keys) > 1 else ""
     print(f"| method | bits | perplexity | d | d / d(RTN) | vs float32 |{other} quantize time "
           "| peak RSS |")  # fmt: skip
-    print("|---|---|---|---|---|---|" + ("---|" if fp_other else "") + "---|---|")
+    print("|---|---|" + "---|---|---|---|" + "---|---|---|" * (len(keys) - 1) + "---|---|")
     for r in rows:
-        d = r["ppl"] - fp
-        ratio = f"{d / rtn[r['bits']]:.2f}" if r["bits"] in rtn and rtn[r["bits"]] > 0 else "-"
-        cell = ""
-        if fp_other:
-            o = r.get("ppl_other_domain")
-            cell = f" {o:.3f} |" if o is not None else " - |"
+        d, ratio, rel = gap(r, "ppl")
+        cells = f" {r['ppl']:.3f} | {d:.3f} | {ratio} | {rel} |"
+        if len(keys) > 1:
+            _, o_ratio, o_rel = gap(r, "ppl_other_domain")
+            cells += f" {r['ppl_other_domain']:.3f} | {o_ratio} | {o_rel} |"
+        bits = r["bits"] if r["method"] != "float32" else "-"
         print(
-            f"| {r['method']} | {r['bits'] if r['method'] != 'float32' else '-'} "
-            f"| {r['ppl']:.3f} | {d:.3f} | {ratio} | {100 * d / fp:+.2f}% |{cell} "
-            f"{r['seconds']:.1f} s | {r['peak_rss'] / 2**30:.2f} GiB |"
+            f"| {r['method']} | {bits} |{cells} {r['seconds']:.1f} s "
+            f"| {r['peak_rss'] / 2**30:.2f} GiB |"
         )
 
 

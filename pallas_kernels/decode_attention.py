@@ -333,7 +333,9 @@ def decode_attention(
     Args:
       q: ``(B, H, D)`` bf16/f16/f32 (RoPE applied; not yet scaled by ``1/sqrt(D)``).
       k, v: :class:`Pages` of keys and values (values per token).
-      lengths: int32 ``(B,)``: positions ``[0, lengths[b])`` of sequence ``b`` are attended.
+      lengths: int32 ``(B,)``: positions ``[0, lengths[b])`` of sequence ``b`` are attended;
+        at most ``pages_per_seq * page`` (values are not checked under ``jit``: positions past
+        the table read page 0, as an overfull ``KVCache`` would read clamped slots).
       block_tables: int32 ``(B, pages_per_seq)``: page ``j`` of sequence ``b`` is
         ``block_tables[b, j]``; entries past ``ceil(lengths[b] / page)`` are not read.
       config: a :class:`TuningConfig`; default: :class:`TuningConfig()`.

@@ -60,9 +60,8 @@ class AWQOptions:
     """AWQ (Lin et al. 2023): grid of scale exponents, duo scaling, clip search.
 
     `grid_chunk` candidates are scored together (under `vmap`); each costs one forward pass of
-    the block on the scoring samples in memory, so 1 keeps the bound of one block's activations
-    (on a 2-core CPU it was also no slower than 4); raise it on an accelerator with memory to
-    spare.
+    the block on the scoring samples in memory, so 1 keeps the bound of one block's activations;
+    raise it on an accelerator with memory to spare.
     """
 
     n_grid: int = 20

@@ -319,20 +319,11 @@ def test_search_clip_sampling_and_partial_groups():
 # Real data: stories260K layer 0 MLP
 
 
-def test_awq_beats_rtn_on_stories260k_mlp(shared_data):
-    from jqtz.io.llama2c import SentencePieceTokenizer, load_llama2c
-
-    _, params = load_llama2c(shared_data / "stories260K.bin")
+def test_awq_beats_rtn_on_stories260k_mlp(stories260k):
+    _, params, ids = stories260k
     p = params["params"]
     layer = p["layers_0"]
-    tok = SentencePieceTokenizer(shared_data / "tok512.model")
-    text = (shared_data / "tinystories_train_head.txt").read_text()
-    ids = []
-    for para in text.split("\n\n"):
-        ids += tok.encode(para.strip(), bos=True)
-        if len(ids) >= 2048:
-            break
-    emb = jnp.asarray(p["embed_tokens"]["embedding"])[jnp.asarray(ids[:2048])]  # (T, 64)
+    emb = jnp.asarray(p["embed_tokens"]["embedding"])[jnp.asarray(ids)]  # (T, 64)
     norm = jnp.asarray(layer["post_attention_layernorm"]["scale"])
     gate, up, down = (
         jnp.asarray(layer["mlp"][k]["kernel"]) for k in ("gate_proj", "up_proj", "down_proj")

@@ -347,21 +347,13 @@ def test_jit_matches_eager_and_is_deterministic(layer):
 # Real data: stories260K, inputs from a forward pass over TinyStories text
 
 
-def test_beats_rtn_on_stories260k_down_proj(shared_data):
+def test_beats_rtn_on_stories260k_down_proj(stories260k):
     """layers_2 down_proj (172 inputs: int3 g64 leaves a ragged group of 44), its inputs from a
     forward pass of the model over 2048 tokens of TinyStories."""
-    from jqtz.io.llama2c import SentencePieceTokenizer, load_llama2c
     from jqtz.models.llama import Llama
 
-    config, params = load_llama2c(shared_data / "stories260K.bin")
-    tok = SentencePieceTokenizer(shared_data / "tok512.model")
-    text = (shared_data / "tinystories_train_head.txt").read_text()
-    ids = []
-    for para in text.split("\n\n"):
-        ids += tok.encode(para.strip(), bos=True)
-        if len(ids) >= 2048:
-            break
-    tokens = jnp.asarray(ids[:2048], jnp.int32).reshape(16, 128)
+    config, params, ids = stories260k
+    tokens = jnp.asarray(ids, jnp.int32).reshape(16, 128)
     _, state = Llama(config).apply(params, tokens, capture_intermediates=True)
     mlp = state["intermediates"]["layers_2"]["mlp"]
     gate, up = mlp["gate_proj"]["__call__"][0], mlp["up_proj"]["__call__"][0]
