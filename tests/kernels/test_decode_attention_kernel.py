@@ -181,6 +181,8 @@ def test_bad_input_names_the_argument():
         da.decode_attention(q, bad, v, jnp.array([1, 1]), tables, interpret=True)
     with pytest.raises(ValueError, match=r"`v\.codes`"):
         da.decode_attention(q, k, dataclasses.replace(v, kind="fp8"), jnp.array([1, 1]), tables)
+    with pytest.raises(ValueError, match="num_splits"):
+        da.TuningConfig(num_splits=0)
     with pytest.raises(ValueError, match="multiple of `page`"):
         da.contiguous_tables(k.codes.reshape(2, 128, 2, 64)[:, :100], None, None, "float", page=32)
 
