@@ -87,23 +87,103 @@ def lower_for_cuda(fn, *args, **kwargs) -> str:
     return lowered.as_text()
 
 
-def time_fn(fn, *args, iters: int = 50, warmup: int = 5) -> float:
-    """Median wall time of `fn(*args)` in seconds, synchronised with `block_until_ready`."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
+#: The larger L2 of the H100 (50 MB) and the H200 (60 MB). Benchmarks rotate through enough
+#: distinct copies of their inputs that a pass over them overflows it: no timing reads the cache.
+L2_BYTES = 60 * 10**6
+
+
+def copies_to_miss_cache(nbytes: int, *, most: int = 8) -> int:
+    """How many distinct copies of an input of `nbytes` make one cyclic pass exceed 2x the L2."""
+    return max(1, min(most, cdiv(2 * L2_BYTES, max(nbytes, 1))))
+
+
+def _median_seconds(fn, arg, iters: int) -> float:
+    for _ in range(2):
+        jax.block_until_ready(fn(arg))
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(fn(arg))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
+def time_per_call(fn, arg_sets, *, iters: int = 20) -> float:
+    """Device seconds per call of `fn(*args)` for the argument tuples in `arg_sets`.
+
+    Two jitted programs are timed (median of `iters` runs each): one call on `arg_sets[0]`, and
+    one call per set, in order, in a single program. The slope `(t_all - t_one) / (n - 1)` is
+    the time per call without the host's dispatch cost, which is tens of microseconds, as long
+    as a decode GEMV. Give each set its own small inputs (activations) so that XLA cannot merge
+    or deduplicate the calls, and rotate the large ones (weights, caches) among
+    `copies_to_miss_cache(...)` copies so that the calls read device memory, not the L2.
+    """
+    sets = [tuple(a) for a in arg_sets]
+    one = _median_seconds(jax.jit(lambda a: fn(*a)), sets[0], iters)
+    if len(sets) == 1:
+        return one
+    many = _median_seconds(jax.jit(lambda ss: [fn(*a) for a in ss]), sets, iters)
+    slope = (many - one) / (len(sets) - 1)
+    return slope if slope > 0 else many / len(sets)
+
+
 def measure_copy_bandwidth(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy rate in bytes/s (read + write), the memory roofline of this run."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    copy = jax.jit(lambda a: a + 1.0)
-    return 2 * nbytes / time_fn(copy, x, iters=20)
+    xs = [jnp.full((nbytes // 4,), float(i), jnp.float32) for i in range(2)]
+    return 2 * nbytes / time_per_call(lambda a: a + 1.0, [(x,) for x in xs], iters=10)
+
+
+def measure_matmul_rate(n: int = 8192) -> float:
+    """bf16 `n x n x n` product rate of XLA in FLOP/s on random data, the compute roofline."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    a, b, c, d = (jax.random.normal(k, (n, n), jnp.bfloat16) for k in keys)
+    return 2 * n**3 / time_per_call(jnp.dot, [(a, b), (c, d)], iters=10)
+
+
+def relative_error(y, ref) -> float:
+    """`||y - ref|| / ||ref||` in float32 (inf when y has a NaN or an inf)."""
+    y, ref = jnp.asarray(y, jnp.float32), jnp.asarray(ref, jnp.float32)
+    if not bool(jnp.isfinite(y).all()):
+        return float("inf")
+    return float(jnp.linalg.norm(y - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30))
+
+
+class Report:
+    """Benchmark output: each line printed and, with a `path`, appended to that file at once
+    (a run stopped part-way keeps what it measured)."""
+
+    def __init__(self, path=None):
+        self.path = path
+        if path is not None:
+            open(path, "w").close()
+
+    def __call__(self, line: str = "") -> None:
+        print(line, flush=True)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+
+def tune(report, label: str, candidates, measure, *, deadline: float) -> list:
+    """Time each candidate config with `measure(config) -> (seconds, rel_error)`.
+
+    Prints one line per candidate. A candidate that fails to compile or run is reported and
+    skipped; candidates left when `time.monotonic()` passes `deadline` are reported as not
+    tried. Returns `[(seconds, config, rel_error), ...]` of the ones that ran, fastest first.
+    """
+    done = []
+    for i, cfg in enumerate(candidates):
+        if time.monotonic() > deadline:
+            report(f"  {label}: time budget spent, {len(candidates) - i} candidates not tried")
+            break
+        try:
+            seconds, err = measure(cfg)
+        except Exception as e:  # a config the compiler rejects is a result
+            report(f"  {label} {cfg}: failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            continue
+        report(f"  {label} {cfg}: {seconds * 1e6:.1f} us, rel err {err:.1e}")
+        done.append((seconds, cfg, err))
+    return sorted(done, key=lambda r: r[0])
 
 
 def bench_header(extra: str = "") -> str:
@@ -121,3 +201,16 @@ def require_gpu_or_exit(name: str) -> bool:
         sys.stdout.flush()
         return False
     return True
+
+
+def best_config(report, label: str, default, candidates, measure, *, deadline: float):
+    """Time `default`, then (through `tune`) the other `candidates`.
+
+    Returns `(default_seconds, (seconds, config, rel_error) of the fastest, tried)`, with
+    `tried` the candidates that ran, fastest first.
+    """
+    t0, err0 = measure(default)
+    others = [c for c in candidates if c != default]
+    tried = tune(report, label, others, measure, deadline=deadline) if others else []
+    best = min([(t0, default, err0), *tried[:1]], key=lambda r: r[0])
+    return t0, best, tried

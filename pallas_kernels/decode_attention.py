@@ -529,11 +529,108 @@ def can_use(q, k: Pages, v: Pages, *, backend: str | None = None, compute_capabi
 
 
 # -- benchmark -------------------------------------------------------------------------------
+def tune_candidates(batch: int, hkv: int, pages: int) -> list[TuningConfig]:
+    """Configs `--tune` tries (the default first): split counts around the default's, and
+    launch parameters."""
+    auto = _splits(TuningConfig(), batch, hkv, pages)
+    splits = sorted({max(1, auto // 2), auto, 2 * auto, 4 * auto} & set(range(1, pages + 1)))
+    out = [TuningConfig()]
+    for sp in splits:
+        for warps, stages in ((4, 2), (4, 3), (8, 2)):
+            out.append(TuningConfig(num_splits=sp, num_warps=warps, num_stages=stages))
+    return out
+
+
+def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), batch=8, heads=32,
+              kv_heads=8, head_dim=128, page=64):  # fmt: skip
+    """Time the kernel over int8, fp8 and int4 caches (int4 per token, and KIVI per-channel
+    keys) and over bf16 pages, against XLA attention over a bf16 cache; with `tune`, sweep
+    `tune_candidates` at the middle context (the three fastest per cache kind at the others).
+    `smoke`: tiny shapes in the interpreter. Returns one dict per case for
+    `pallas_kernels.bench`."""
+    interpret = smoke
+    iters = 1 if smoke else 20
+    b, h, hkv, d = (2, 8, 2, 64) if smoke else (batch, heads, kv_heads, head_dim)
+    page = 32 if smoke else page
+    contexts = (128,) if smoke else (16384, 8192, 32768)
+    bw = common.measure_copy_bandwidth(1 << 20 if smoke else 1 << 30)
+    report(f"decode attention B={b} H={h} Hkv={hkv} D={d} page={page}; copy {bw / 1e9:.0f} GB/s")
+    report(f"{'cache':>9} {'context':>7} {'default us':>10} {'best us':>8} {'xla bf16':>8} "
+           f"{'speedup':>7} {'GB/s':>6} {'of copy':>7} {'rel err':>8}  best config")  # fmt: skip
+    calls = 2 if smoke else 4
+    rows, winners = [], {}
+    for ci, s in enumerate(contexts):
+        qs = jax.random.normal(jax.random.key(0), (calls, b, h, d), jnp.bfloat16)
+        kv = jax.random.normal(jax.random.key(1), (2, b, s, hkv, d), jnp.bfloat16)
+        lengths = jnp.full((b,), s, jnp.int32)
+
+        def xla(q, k, v):
+            qg = q.reshape(b, hkv, h // hkv, d)
+            sc = jnp.einsum("bkgd,bskd->bkgs", qg, k, preferred_element_type=jnp.float32)
+            p = jax.nn.softmax(sc * d**-0.5, axis=-1).astype(v.dtype)
+            return jnp.einsum("bkgs,bskd->bkgd", p, v).reshape(b, h, d)
+
+        t_xla = common.time_per_call(xla, [(qs[i], kv[0], kv[1]) for i in range(calls)],
+                                     iters=iters)  # fmt: skip
+        for name in ("float", "int8", "fp8", "int4", "int4-kivi"):
+            kind = name.split("-")[0]
+            if name == "int4-kivi":
+                k, tables = contiguous_tables(*_kivi_keys(kv[0], page), page=page,
+                                              per_channel=True)  # fmt: skip
+            else:
+                k, tables = contiguous_tables(*quantize_tokens(kv[0], kind), page=page)
+            v, _ = contiguous_tables(*quantize_tokens(kv[1], kind), page=page)
+            if kind == "float":
+                k = dataclasses.replace(k, codes=k.codes.astype(jnp.bfloat16))
+                v = dataclasses.replace(v, codes=v.codes.astype(jnp.bfloat16))
+            sets = [(qs[i], k, v, lengths, tables) for i in range(calls)]
+            ref = reference(*sets[0])[0]
+
+            def measure(cfg, sets=sets, ref=ref):
+                fn = lambda *a: decode_attention(*a, config=cfg, interpret=interpret)[0]
+                err = common.relative_error(fn(*sets[0]), ref)
+                return common.time_per_call(fn, sets, iters=iters), err
+
+            cands = []
+            if tune:
+                cands = tune_candidates(b, hkv, tables.shape[1])
+                cands = cands[:3] if smoke else cands
+                if ci:
+                    cands = winners.get(name, [])
+            t_base, best, tried = common.best_config(
+                report, f"{name} S={s}", TuningConfig(), cands, measure, deadline=deadline
+            )
+            if ci == 0:
+                winners[name] = [c for _, c, _ in tried[:3]]
+            t, cfg, err = best
+            nbytes = sum(x.nbytes for x in jax.tree.leaves((k, v)))
+            rows.append(dict(kernel=f"decode {name}", m=b, n=s, k=d, us=t * 1e6,
+                             default_us=t_base * 1e6, baseline_us=t_xla * 1e6,
+                             speedup=t_xla / t, roofline=nbytes / t / bw, rel_err=err,
+                             config=cfg))  # fmt: skip
+            report(f"{name:>9} {s:7d} {t_base * 1e6:10.1f} {t * 1e6:8.1f} {t_xla * 1e6:8.1f} "
+                   f"{t_xla / t:7.2f} {nbytes / t / 1e9:6.0f} {nbytes / t / bw:7.2f} "
+                   f"{err:8.1e}  {cfg}")  # fmt: skip
+    return rows
+
+
+def _kivi_keys(x, page: int):
+    """KIVI keys: int4 codes per token, with one scale and offset per channel and page."""
+    b, s, hkv, d = x.shape
+    xg = x.astype(jnp.float32).reshape(b, s // page, page, hkv, d)
+    lo, hi = xg.min(axis=2), xg.max(axis=2)  # (B, S/page, Hkv, D)
+    scale = jnp.maximum((hi - lo) / 15, 1e-8)
+    codes = jnp.clip(jnp.round((xg - lo[:, :, None]) / scale[:, :, None]), 0, 15)
+    codes = codes.astype(jnp.uint8).reshape(b, s, hkv, d)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), scale, lo, "int4"
+
+
 def main(argv=None) -> int:
-    """``python -m pallas_kernels.decode_attention --bench``: kernel over int8/fp8/int4 caches vs
-    XLA attention over a bf16 cache (and the kernel over bf16 pages) on a GPU."""
+    """``python -m pallas_kernels.decode_attention --bench [--tune]``: the kernel over
+    int8/fp8/int4 caches vs XLA attention over a bf16 cache (and the kernel over bf16 pages)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", action="store_true", help="time the kernel on the GPU")
+    parser.add_argument("--tune", action="store_true", help="also sweep tune_candidates")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
@@ -545,36 +642,10 @@ def main(argv=None) -> int:
         return 0
     if not common.require_gpu_or_exit("decode_attention"):
         return 0
-    b, h, hkv, d = args.batch, args.heads, args.kv_heads, args.head_dim
-    print(common.bench_header(f"B={b} H={h} Hkv={hkv} D={d} page={args.page}"))
-    bw = common.measure_copy_bandwidth()
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
-    print(f"{'kind':>6} {'context':>8} {'kernel us':>10} {'xla bf16 us':>12} {'speedup':>8} "
-          f"{'GB/s':>7} {'of copy':>8}")  # fmt: skip
-    for s in (8192, 16384, 32768):
-        q = jax.random.normal(jax.random.key(0), (b, h, d), jnp.bfloat16)
-        kv = jax.random.normal(jax.random.key(1), (2, b, s, hkv, d), jnp.bfloat16)
-        lengths = jnp.full((b,), s, jnp.int32)
-
-        def xla(q, k, v):
-            qg = q.reshape(b, hkv, h // hkv, d)
-            sc = jnp.einsum("bkgd,bskd->bkgs", qg, k, preferred_element_type=jnp.float32)
-            p = jax.nn.softmax(sc * d**-0.5, axis=-1).astype(v.dtype)
-            return jnp.einsum("bkgs,bskd->bkgd", p, v).reshape(b, h, d)
-
-        t_xla = common.time_fn(jax.jit(xla), q, kv[0], kv[1])
-        for kind in ("float", "int8", "fp8", "int4"):
-            k, tables = contiguous_tables(*quantize_tokens(kv[0], kind), page=args.page)
-            v, _ = contiguous_tables(*quantize_tokens(kv[1], kind), page=args.page)
-            if kind == "float":
-                k = dataclasses.replace(k, codes=k.codes.astype(jnp.bfloat16))
-                v = dataclasses.replace(v, codes=v.codes.astype(jnp.bfloat16))
-            t = common.time_fn(decode_attention, q, k, v, lengths, tables)
-            nbytes = sum(x.nbytes for x in jax.tree.leaves((k, v)))
-            print(
-                f"{kind:>6} {s:8d} {t * 1e6:10.1f} {t_xla * 1e6:12.1f} {t_xla / t:8.2f} "
-                f"{nbytes / t / 1e9:7.0f} {nbytes / t / bw:8.2f}"
-            )
+    report = common.Report()
+    report(common.bench_header())
+    benchmark(report, tune=args.tune, batch=args.batch, heads=args.heads,
+              kv_heads=args.kv_heads, head_dim=args.head_dim, page=args.page)  # fmt: skip
     return 0
 
 

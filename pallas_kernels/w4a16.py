@@ -399,38 +399,108 @@ def can_use(x, w, *, backend: str | None = None, compute_capability=None) -> boo
 # -- benchmark -------------------------------------------------------------------------------
 
 
-def _bench(bits: int, shapes, ms, group: int) -> None:
+def tune_candidates(m: int, n_padded: int, num_groups: int) -> list[TuningConfig]:
+    """The configs `--tune` tries for `m` rows (the default first): block_n, split-K and launch
+    parameters around the default for decode; block sizes and launch parameters for larger M."""
+    out = [default_config(m, n_padded, num_groups)]
+    launch = ((4, 3), (4, 4), (8, 3))
+    if m <= SMALL_M:
+        for bn in (64, 128, 256):
+            auto = max(1, min(num_groups, common.cdiv(2 * H100_SMS, max(1, n_padded // bn))))
+            for split in sorted({max(1, auto // 2), auto, min(num_groups, 2 * auto)}):
+                for warps, stages in launch:
+                    out.append(TuningConfig(block_m=16, block_n=bn, split_k=split,
+                                            num_warps=warps, num_stages=stages))  # fmt: skip
+    else:
+        for bm in (64, 128):
+            for bn in (64, 128, 256):
+                for warps, stages in launch:
+                    out.append(TuningConfig(block_m=bm, block_n=bn, num_warps=warps,
+                                            num_stages=stages))  # fmt: skip
+    out = [c for c in out if n_padded % c.block_n == 0]
+    return list(dict.fromkeys(out))
+
+
+def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), bits=4, group=128):
+    """Time the kernel against the bf16 XLA product; with `tune`, sweep `tune_candidates`.
+
+    The sweep is full on the first shape; on the others only the three fastest configs of the
+    first shape (for the same M) and the default are tried. `smoke` runs tiny shapes in the
+    Pallas interpreter on any machine (a check of this code, no timing worth reading). Returns
+    one dict per (shape, M) for the suite's summary (`pallas_kernels.bench`).
+    """
     import jqtz
 
-    bw = common.measure_copy_bandwidth()
-    print(common.bench_header(f"copy {bw / 1e9:.0f} GB/s"))
-    print(
-        f"{'M':>5} {'N':>6} {'K':>6} {'kernel us':>10} {'bf16 us':>9} {'speedup':>8} "
-        f"{'GB/s':>7} {'roofline':>8}"
-    )
+    interpret = smoke
+    iters = 1 if smoke else 20
+    shapes = [(256, 256)] if smoke else [(8192, 8192), (14336, 4096), (4096, 14336)]
+    ms = (1, 64) if smoke else (1, 4, 16, 64, 256)
+    tune_ms = (1, 64) if smoke else (1, 64, 256)
+    bw = common.measure_copy_bandwidth(1 << 20 if smoke else 1 << 30)
     fmt = "int4" if bits == 4 else "int8"
-    for n, k in shapes:
-        w = jax.random.normal(jax.random.key(0), (k, n), jnp.float32)
-        q = jqtz.quantize(w, jqtz.QuantSpec(format=fmt, granularity="group", group_size=group))
-        pw = jax.block_until_ready(prepare(q))
+    report(f"w{bits}a16, groups of {group}; copy {bw / 1e9:.0f} GB/s")
+    report(f"{'M':>5} {'N':>6} {'K':>6} {'default us':>10} {'best us':>8} {'bf16 us':>8} "
+           f"{'speedup':>7} {'GB/s':>6} {'of copy':>7} {'rel err':>8}  best config")  # fmt: skip
+    rows, winners = [], {}
+    for si, (n, k) in enumerate(shapes):
+        w = jax.random.normal(jax.random.key(si), (k, n), jnp.float32)
+        spec = jqtz.QuantSpec(format=fmt, granularity="group", group_size=group)
+        pw = jax.block_until_ready(prepare(jqtz.quantize(w, spec)))
         wb = w.astype(jnp.bfloat16)
+        del w
+        nbytes = sum(a.nbytes for a in jax.tree.leaves(pw))
+        pws = [pw] + [
+            jax.tree.map(jnp.copy, pw) for _ in range(common.copies_to_miss_cache(nbytes) - 1)
+        ]
+        wbs = [wb] + [jnp.copy(wb) for _ in range(common.copies_to_miss_cache(wb.nbytes) - 1)]
+        shape_best = {}
         for m in ms:
-            x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
-            t = common.time_fn(matmul, x, pw)
-            tb = common.time_fn(jax.jit(jnp.dot), x, wb)
-            moved = pw.codes.nbytes + pw.scale.nbytes + 2 * (m * k + m * n)
-            moved += 0 if pw.zero is None else pw.zero.nbytes
-            gbs = moved / t / 1e9
-            print(
-                f"{m:5d} {n:6d} {k:6d} {t * 1e6:10.1f} {tb * 1e6:9.1f} {tb / t:8.2f} "
-                f"{gbs:7.0f} {moved / t / bw:8.2f}"
+            calls = 2 if smoke else max(16 if m <= SMALL_M else 4, len(pws))
+            xs = jax.random.normal(jax.random.key(100 + m), (calls, m, k), jnp.bfloat16)
+            sets = [(xs[i], pws[i % len(pws)]) for i in range(calls)]
+            ref = reference(xs[0], pw)
+
+            def measure(cfg, sets=sets, ref=ref):
+                fn = functools.partial(matmul, config=cfg, interpret=interpret)
+                err = common.relative_error(fn(*sets[0]), ref)
+                return common.time_per_call(fn, sets, iters=iters), err
+
+            base_cfg = default_config(m, pw.n_padded, pw.num_groups)
+            cands = []
+            if tune and m in tune_ms:
+                cands = tune_candidates(m, pw.n_padded, pw.num_groups)
+                if si:  # the first shape's three fastest for this M
+                    cands = [c for c in winners.get(m, []) if c in cands]
+                cands = cands[:3] if smoke else cands
+            elif tune:  # the best config of the nearest smaller tuned M on this shape
+                cands = [shape_best[max(t for t in shape_best if t < m)]]
+            label = f"w{bits}a16 M={m} N={n} K={k}"
+            t_base, best, tried = common.best_config(
+                report, label, base_cfg, cands, measure, deadline=deadline
             )
+            if si == 0 and m in tune_ms:
+                winners[m] = [c for _, c, _ in tried[:3]]
+            shape_best[m] = best[1]
+            t_bf16 = common.time_per_call(
+                jnp.dot, [(xs[i], wbs[i % len(wbs)]) for i in range(calls)], iters=iters
+            )
+            t, cfg, err = best
+            moved = nbytes + 2 * (m * k + m * n)
+            row = dict(kernel=f"w{bits}a16", m=m, n=n, k=k, us=t * 1e6, default_us=t_base * 1e6,
+                       baseline_us=t_bf16 * 1e6, speedup=t_bf16 / t, roofline=moved / t / bw,
+                       rel_err=err, config=cfg)  # fmt: skip
+            rows.append(row)
+            report(f"{m:5d} {n:6d} {k:6d} {t_base * 1e6:10.1f} {t * 1e6:8.1f} {t_bf16 * 1e6:8.1f} "
+                   f"{t_bf16 / t:7.2f} {moved / t / 1e9:6.0f} {moved / t / bw:7.2f} {err:8.1e}  "
+                   f"{cfg}")  # fmt: skip
+    return rows
 
 
 def main(argv=None) -> int:
-    """`python -m pallas_kernels.w4a16 --bench`: kernel vs the bf16 XLA product on a GPU."""
+    """`python -m pallas_kernels.w4a16 --bench [--tune]`: the kernel vs bf16 XLA on a GPU."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", action="store_true", help="time the kernel on the GPU")
+    parser.add_argument("--tune", action="store_true", help="also sweep tune_candidates")
     parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
     parser.add_argument("--group", type=int, default=128)
     args = parser.parse_args(argv)
@@ -439,8 +509,9 @@ def main(argv=None) -> int:
         return 0
     if not common.require_gpu_or_exit("w4a16"):
         return 0
-    shapes = [(8192, 8192), (14336, 4096), (4096, 14336)]
-    _bench(args.bits, shapes, (1, 4, 16, 64, 256), args.group)
+    report = common.Report()
+    report(common.bench_header())
+    benchmark(report, tune=args.tune, bits=args.bits, group=args.group)
     return 0
 
 

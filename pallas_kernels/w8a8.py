@@ -217,34 +217,110 @@ def can_use(xq, wq, *, backend: str | None = None, compute_capability=None) -> b
     return tuple(cc) >= need and xq.shape[-1] == wq.shape[0]
 
 
+#: Configs `--tune` tries for M >= 128 (the default first), after Triton's usual GEMM sweep.
+TUNE_CANDIDATES = (
+    TuningConfig(),
+    TuningConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
+    TuningConfig(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),
+    TuningConfig(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3),
+    TuningConfig(block_m=256, block_n=128, block_k=128, num_warps=8, num_stages=3),
+    TuningConfig(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=4),
+    TuningConfig(block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=4),
+    TuningConfig(block_m=64, block_n=256, block_k=128, num_warps=4, num_stages=4),
+    TuningConfig(block_m=128, block_n=64, block_k=128, num_warps=4, num_stages=4),
+)
+
+
+def benchmark(report, *, smoke=False, tune=False, deadline=float("inf")):
+    """Time int8 and fp8 e4m3 products (per-token x per-channel scales; fp8 also with 1x128 x
+    128x128 block scales) against the bf16 XLA product; with `tune`, sweep `TUNE_CANDIDATES`
+    (all on the first shape at the largest M, the three fastest elsewhere). The kernel's time
+    excludes the activations' quantization; `+xq us` includes it (XLA's `quantize_rows` then the
+    kernel, as `jqtz`'s W8A8 path runs). `smoke`: tiny shapes in the interpreter. Returns one
+    dict per case for `pallas_kernels.bench`."""
+    interpret = smoke
+    iters = 1 if smoke else 10
+    shapes = [(128, 256)] if smoke else [(8192, 8192), (14336, 4096), (4096, 14336)]
+    ms = (128,) if smoke else (4096, 1024)
+    rate = common.measure_matmul_rate(256 if smoke else 8192)
+    report(f"w8a8; bf16 {rate / 1e12:.0f} TFLOP/s measured (8192^3 XLA product)")
+    report(f"{'case':>9} {'M':>5} {'N':>6} {'K':>6} {'default us':>10} {'best us':>8} "
+           f"{'bf16 us':>8} {'speedup':>7} {'TFLOP/s':>7} {'of bf16':>7} {'+xq us':>8} "
+           f"{'rel err':>8}  "
+           "best config")  # fmt: skip
+    cases = [("int8", jnp.int8, None), ("fp8", jnp.float8_e4m3fn, None)]
+    cases.append(("fp8-b128", jnp.float8_e4m3fn, 128))
+    rows, winners = [], {}
+    for si, (n, k) in enumerate(shapes):
+        w = jax.random.normal(jax.random.key(si), (k, n), jnp.float32)
+        wb = w.astype(jnp.bfloat16)
+        wbs = [wb] + [jnp.copy(wb) for _ in range(common.copies_to_miss_cache(wb.nbytes) - 1)]
+        for m in ms:
+            calls = 2 if smoke else 4
+            x = jax.random.normal(jax.random.key(100 + m), (calls, m, k), jnp.bfloat16)
+            t_bf16 = common.time_per_call(
+                jnp.dot, [(x[i], wbs[i % len(wbs)]) for i in range(calls)], iters=iters
+            )
+            for name, dtype, block in cases:
+                wq, sw = quantize_cols(w, dtype, block)
+                ws = [(wq, sw)] + [
+                    (jnp.copy(wq), sw) for _ in range(common.copies_to_miss_cache(wq.nbytes) - 1)
+                ]
+                xqs = [quantize_rows(x[i], dtype, block) for i in range(calls)]
+                sets = [(*xqs[i], *ws[i % len(ws)]) for i in range(calls)]
+                ref = reference(*sets[0], out_dtype=jnp.float32)
+
+                def measure(cfg, sets=sets, ref=ref):
+                    fn = functools.partial(matmul, config=cfg, interpret=interpret)
+                    err = common.relative_error(fn(*sets[0]), ref)
+                    return common.time_per_call(fn, sets, iters=iters), err
+
+                cands = []
+                if tune:
+                    cands = list(TUNE_CANDIDATES[:2] if smoke else TUNE_CANDIDATES)
+                    if block:  # 128-block scales step K by 128: block_k does not apply
+                        cands = [dataclasses.replace(c, block_k=128) for c in cands]
+                    if (si, m) != (0, ms[0]):
+                        cands = winners.get(name, cands)
+                t_base, best, tried = common.best_config(
+                    report, f"{name} M={m} N={n} K={k}", default_config(m), cands, measure,
+                    deadline=deadline,
+                )  # fmt: skip
+                if (si, m) == (0, ms[0]):
+                    winners[name] = [c for _, c, _ in tried[:3]]
+                t, cfg, err = best
+                t_q = common.time_per_call(  # with the activations' quantization (XLA)
+                    lambda x, wq, sw, cfg=cfg, block=block, dtype=dtype: matmul(
+                        *quantize_rows(x, dtype, block), wq, sw, config=cfg, interpret=interpret
+                    ),
+                    [(x[i], *ws[i % len(ws)]) for i in range(calls)],
+                    iters=iters,
+                )
+                flops = 2 * m * n * k / t
+                rows.append(dict(kernel=f"w8a8 {name}", m=m, n=n, k=k, us=t * 1e6,
+                                 default_us=t_base * 1e6, baseline_us=t_bf16 * 1e6,
+                                 speedup=t_bf16 / t, roofline=flops / rate, rel_err=err,
+                                 config=cfg, with_quant_us=t_q * 1e6))  # fmt: skip
+                report(f"{name:>9} {m:5d} {n:6d} {k:6d} {t_base * 1e6:10.1f} {t * 1e6:8.1f} "
+                       f"{t_bf16 * 1e6:8.1f} {t_bf16 / t:7.2f} {flops / 1e12:7.0f} "
+                       f"{flops / rate:7.2f} {t_q * 1e6:8.1f} {err:8.1e}  {cfg}")  # fmt: skip
+    return rows
+
+
 def main(argv=None) -> int:
-    """`python -m pallas_kernels.w8a8 --bench`: INT8/FP8 vs the bf16 XLA product on a GPU."""
+    """`python -m pallas_kernels.w8a8 --bench [--tune]`: INT8/FP8 vs bf16 XLA on a GPU."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", action="store_true", help="time the kernel on the GPU")
+    parser.add_argument("--tune", action="store_true", help="also sweep TUNE_CANDIDATES")
     args = parser.parse_args(argv)
     if not args.bench:
         parser.print_help()
         return 0
     if not common.require_gpu_or_exit("w8a8"):
         return 0
-    print(common.bench_header())
-    print(
-        f"{'dtype':>6} {'M':>5} {'N':>6} {'K':>6} {'kernel us':>10} {'bf16 us':>9} "
-        f"{'speedup':>8} {'TFLOP/s':>8}"
-    )
-    for n, k in [(8192, 8192), (14336, 4096), (4096, 14336)]:
-        w = jax.random.normal(jax.random.key(0), (k, n), jnp.float32)
-        for dtype in (jnp.int8, jnp.float8_e4m3fn):
-            wq, sw = quantize_cols(w, dtype)
-            for m in (1024, 4096):
-                x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
-                xq, sx = quantize_rows(x, dtype)
-                t = common.time_fn(matmul, xq, sx, wq, sw)
-                tb = common.time_fn(jax.jit(jnp.dot), x, w.astype(jnp.bfloat16))
-                print(
-                    f"{np.dtype(dtype).name[:6]:>6} {m:5d} {n:6d} {k:6d} {t * 1e6:10.1f} "
-                    f"{tb * 1e6:9.1f} {tb / t:8.2f} {2 * m * n * k / t / 1e12:8.1f}"
-                )
+    report = common.Report()
+    report(common.bench_header())
+    benchmark(report, tune=args.tune)
     return 0
 
 
