@@ -92,8 +92,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=pathlib.Path, default=None, help="folder for the outputs")
     ap.add_argument("--tune", action="store_true", help="sweep each kernel's candidate configs")
-    ap.add_argument("--budget-s", type=float, default=420.0,
-                    help="seconds for the tuning sweeps in all (default 420)")  # fmt: skip
+    ap.add_argument("--budget-s", type=float, default=360.0,
+                    help="seconds for the tuning sweeps in all (default 360)")  # fmt: skip
     ap.add_argument(
         "--smoke",
         action="store_true",

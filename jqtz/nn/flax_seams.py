@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from jqtz.nn.ops import dot_general, promote_dtype, quantize_input, take_rows
+from jqtz.nn.ops import dot_general, fake_quantized_input, promote_dtype, take_rows
 from jqtz.qarray import QArray
 
 
@@ -75,13 +75,24 @@ def _dense_general(module: nn.DenseGeneral, params, x):
     return y
 
 
+def _einsum_contracted_axes(einsum_str: str, ndim: int) -> tuple[int, ...]:
+    """Axes of the input (the first operand of `einsum_str`, of rank `ndim`) summed over with
+    the kernel: its letters that the kernel has and the output has not."""
+    inputs, out = einsum_str.split("->")
+    x_sub, k_sub = inputs.split(",")
+    head, _, tail = x_sub.partition("...")
+    axes = [i for i, c in enumerate(head) if c in k_sub and c not in out]
+    axes += [ndim - len(tail) + i for i, c in enumerate(tail) if c in k_sub and c not in out]
+    return tuple(axes)
+
+
 def _einsum(module: nn.Einsum, params, x, einsum_str=None):
     einsum_str = (einsum_str or module.einsum_str).replace(" ", "")
     kernel, bias = params["kernel"], params.get("bias")
     dtype = _compute_dtype(module, x, kernel, bias)
     x = jnp.asarray(x, dtype)
     if kernel.act is not None:  # no einsum on codes: simulate the activation quantization
-        x = quantize_input(x, kernel).dequantize(dtype)
+        x = fake_quantized_input(x, kernel, _einsum_contracted_axes(einsum_str, x.ndim))
     w = kernel.dequantize(dtype)
     y = jnp.einsum(
         einsum_str,

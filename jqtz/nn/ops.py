@@ -150,8 +150,7 @@ def _llm_int8(lhs, rhs: QArray, dn, out_dtype, kwargs):
     quantized part's per-token scales see the inlier features only.
     """
     (lc, _), _ = dn
-    others = tuple(d for d in range(lhs.ndim) if d not in lc)
-    outlier = jnp.max(jnp.abs(lhs), axis=others, keepdims=True) > rhs.act.outlier_threshold
+    outlier = _outlier_features(lhs, lc, rhs.act.outlier_threshold)
     zero = jnp.zeros((), lhs.dtype)
     inliers = jnp.where(outlier, zero, lhs)
     y = _quantized_product(inliers, rhs, dn, kwargs)
@@ -163,6 +162,28 @@ def _llm_int8(lhs, rhs: QArray, dn, out_dtype, kwargs):
         **kwargs,
     )
     return y.astype(out_dtype)
+
+
+def _outlier_features(lhs, contracting, threshold):
+    """Mask of LLM.int8() outlier features: |x| above `threshold` anywhere along the axes of
+    `lhs` that are not contracted (broadcasts against `lhs`)."""
+    others = tuple(d for d in range(lhs.ndim) if d not in contracting)
+    return jnp.max(jnp.abs(lhs), axis=others, keepdims=True) > threshold
+
+
+def fake_quantized_input(lhs, rhs: QArray, contracting) -> jax.Array:
+    """`lhs` as a product with `rhs` sees it: quantized as `rhs.act` says and dequantized, with
+    LLM.int8()'s outlier features (`rhs.act.outlier_threshold`; features are indices along the
+    `contracting` axes of `lhs`) kept in floating point. For products that cannot run on the
+    codes (`nn.Einsum`); same numerics as `dot_general` up to summation order.
+    """
+    threshold = rhs.act.outlier_threshold
+    if threshold is None:
+        return quantize_input(lhs, rhs).dequantize(lhs.dtype)
+    outlier = _outlier_features(lhs, tuple(contracting), threshold)
+    zero = jnp.zeros((), lhs.dtype)
+    inliers = quantize_input(jnp.where(outlier, zero, lhs), rhs).dequantize(lhs.dtype)
+    return jnp.where(outlier, lhs, inliers)
 
 
 def promote_dtype(args, /, *, dtype=None, inexact=True):

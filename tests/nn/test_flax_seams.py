@@ -172,3 +172,14 @@ def test_nnx_layers_run_on_packed_quantized_state():
     got = nnx.jit(lambda m, i: m(i))(nnx.merge(graphdef, qstate), IDS)
     assert got.shape == want.shape
     assert 0 < _rel(got, want) < 0.5
+
+
+@pytest.mark.parametrize(
+    "einsum_str,ndim,axes",
+    [("btd,dhk->bthk", 3, (2,)), ("...d,dk->...k", 4, (3,)), ("bhd,hdk->bk", 3, (1, 2)),
+     ("bhd,bdk->bhk", 3, (2,)), ("d...,dk->...k", 3, (0,))],
+)  # fmt: skip
+def test_einsum_contracted_axes(einsum_str, ndim, axes):
+    from jqtz.nn.flax_seams import _einsum_contracted_axes
+
+    assert _einsum_contracted_axes(einsum_str, ndim) == axes

@@ -160,3 +160,21 @@ def test_threshold_is_static_and_hashable():
     b = jqtz.QuantSpec(format="int8", activation=dataclasses.replace(LLM_INT8))
     assert a == b and hash(a) == hash(b)
     assert jqtz.QuantSpec(format="int8", axis=-1, outlier_threshold=6).outlier_threshold == 6.0
+
+
+@pytest.mark.parametrize("einsum_str", ["btd,dk->btk", "...d,dk->...k"])
+def test_linen_einsum_keeps_outliers_in_float(einsum_str):
+    # nn.Einsum cannot multiply codes; it simulates the product, and must still keep LLM.int8()'s
+    # outlier features in floating point (with the inliers' per-token scales over inliers only).
+    model = nn.Einsum((256, 64), einsum_str, use_bias=False)
+    x, w = _xw()
+    params = {"params": {"kernel": w}}
+    q = jqtz.quantize_params(params, jqtz.QuantSpec(format="int8", activation=LLM_INT8))
+    with jqtz.nn.quantized_ops():
+        y = jax.jit(model.apply)(q, x.reshape(2, 8, 256))
+    want = _reference(x, q["params"]["kernel"], THRESHOLD)
+    np.testing.assert_allclose(y.reshape(16, 64), want, rtol=1e-5, atol=1e-4)
+    plain = jqtz.quantize_params(params, jqtz.QuantSpec(format="int8", activation=PER_TOKEN))
+    with jqtz.nn.quantized_ops():
+        y_plain = model.apply(plain, x.reshape(2, 8, 256))
+    assert _rel(y_plain.reshape(16, 64), x @ w) > 3 * _rel(y.reshape(16, 64), x @ w)
