@@ -6,6 +6,8 @@ generates `--new` tokens after a `--prompt`-token prompt with `jqtz.models.llama
 (prefill, then a jitted `lax.scan` of one-token steps). Reported per configuration: decode
 tokens/s (batch x new tokens / time of the whole generate call minus a prefill-only call), the
 weight bytes, and which path the matrix products and the attention took (Pallas kernel or XLA).
+Quantized cases run with jqtz's Pallas kernels on and off (`jqtz.nn.use_pallas_kernels`), so
+the XLA path on the same weights and cache is measured in the same run.
 
 On an NVIDIA GPU the W4A16 products go through `pallas_kernels.w4a16` and the int8 cache's
 attention through `pallas_kernels.decode_attention`; elsewhere everything is XLA, and the
@@ -46,16 +48,13 @@ def _bytes(tree) -> int:
 
 def _paths(cfg, params, factory, batch) -> str:
     """Which path one decode step's products and attention take, in words."""
-    from pallas_kernels import dispatch
-
     x = jnp.ones((batch, cfg.dim), cfg.dtype)
     w = params["params"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
-    mm = dispatch.kernel_for(x, w) or "xla"
     attention = "xla"
     if factory:
         cache = factory["cache_factory"](cfg, batch, cfg.max_seq_len)[0]
         attention = cache.attention_path(jnp.ones((batch, 1, cfg.n_heads, cfg.head_dim), cfg.dtype))
-    return f"matmul {mm}, attention {attention}"
+    return f"matmul {jqtz.nn.matmul_path(x, w)}, attention {attention}"
 
 
 def main(argv=None) -> int:
@@ -74,14 +73,20 @@ def main(argv=None) -> int:
                                            scale_dtype="bfloat16"))  # fmt: skip
     w4 = jqtz.quantize_params(params, [rule])
     print(common.bench_header(f"batch {args.batch}, prompt {args.prompt}, new {args.new}"))
-    print(f"{'weights':>8} {'cache':>6} {'weight MiB':>11} {'tokens/s':>9}  paths")
-    for name, p in (("bf16", params), ("w4a16", w4)):
-        for cache in ("bf16", "int8"):
-            factory = {} if cache == "bf16" else {"cache_factory": quantized_cache_factory(cache)}
+    print(f"{'weights':>8} {'cache':>6} {'kernels':>7} {'weight MiB':>11} {'tokens/s':>9}  paths")
+    # Each quantized case twice where a kernel could apply: Pallas kernels on, and off (the XLA
+    # path on the same weights and cache: what the kernels must beat).
+    cases = [("bf16", "bf16", True), ("w4a16", "bf16", True), ("w4a16", "bf16", False),
+             ("bf16", "int8", True), ("bf16", "int8", False), ("w4a16", "int8", True),
+             ("w4a16", "int8", False)]  # fmt: skip
+    for name, cache, kernels in cases:
+        p = params if name == "bf16" else w4
+        factory = {} if cache == "bf16" else {"cache_factory": quantized_cache_factory(cache)}
 
-            def run(n, p=p, factory=factory):
-                return jax.block_until_ready(generate(model, p, prompt, n, **factory))
+        def run(n, p=p, factory=factory):
+            return jax.block_until_ready(generate(model, p, prompt, n, **factory))
 
+        with jqtz.nn.use_pallas_kernels(kernels):
             run(1), run(args.new)  # compile both
             t0 = time.perf_counter()
             run(1)
@@ -89,9 +94,10 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             run(args.new)
             t = time.perf_counter() - t0 - t_prefill
-            rate = args.batch * (args.new - 1) / max(t, 1e-9)
-            print(f"{name:>8} {cache:>6} {_bytes(p) / 2**20:11.1f} {rate:9.1f}  "
-                  f"{_paths(cfg, p, factory, args.batch)}")  # fmt: skip
+            paths = _paths(cfg, p, factory, args.batch)
+        rate = args.batch * (args.new - 1) / max(t, 1e-9)
+        print(f"{name:>8} {cache:>6} {'on' if kernels else 'off':>7} {_bytes(p) / 2**20:11.1f} "
+              f"{rate:9.1f}  {paths}", flush=True)  # fmt: skip
     return 0
 
 

@@ -49,6 +49,7 @@ import numpy as np
 
 from jqtz import _packing, formats
 from jqtz.models.kv_cache import KVCache, dot_product_attention
+from jqtz.nn.ops import pallas_kernels_enabled
 
 __all__ = [
     "KINDS",
@@ -465,8 +466,9 @@ class QuantizedKVCache:
         """Attention of the last ``T`` appended tokens' queries ``(B, T, H, D)`` over the cache.
 
         One token per sequence (decode) on an NVIDIA GPU goes through the Pallas kernel
-        ``pallas_kernels.decode_attention``, which reads the codes in place; everything else
-        dequantizes in XLA (:meth:`attention_path` says which).
+        ``pallas_kernels.decode_attention``, which reads the codes in place (unless kernels are
+        off: ``jqtz.nn.use_pallas_kernels``); everything else dequantizes in XLA
+        (:meth:`attention_path` says which).
         """
         if self.attention_path(q) == "kernel":
             return self._attend_kernel(q)
@@ -484,7 +486,7 @@ class QuantizedKVCache:
             ...                                               compute_capability=(9, 0))
             ('xla', 'kernel')
         """
-        if q.ndim != 4 or q.shape[1] != 1:
+        if q.ndim != 4 or q.shape[1] != 1 or not pallas_kernels_enabled():
             return "xla"
         pages = self._kernel_pages()
         if pages is None:

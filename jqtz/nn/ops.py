@@ -33,6 +33,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,10 +76,62 @@ def dot_general(
     return _with_quantized_activations(lhs, rhs, dimension_numbers, out_dtype, kwargs)
 
 
+#: Whether the Pallas GPU kernels may run (`use_pallas_kernels`; `JQTZ_PALLAS=0` turns them off).
+_PALLAS = [os.environ.get("JQTZ_PALLAS", "1") != "0"]
+
+
+def pallas_kernels_enabled() -> bool:
+    """Whether jqtz may use its Pallas GPU kernels (matrix products, decode attention)."""
+    return _PALLAS[-1]
+
+
+@contextlib.contextmanager
+def use_pallas_kernels(enabled: bool):
+    """Turn jqtz's Pallas GPU kernels on or off inside the block (they are on by default;
+    `JQTZ_PALLAS=0` in the environment turns them off for the whole process).
+
+    With kernels off, every product and attention takes the XLA path: to compare the two, or
+    to rule a kernel out when something looks wrong. The choice is made when a function is
+    traced, so entering and leaving the block clears JAX's caches of traced and compiled
+    functions (`jax.clear_caches()`): jitted functions are traced again for the new setting.
+
+    Example:
+      >>> import jax.numpy as jnp, jqtz
+      >>> spec = jqtz.QuantSpec(format="int4", granularity="group", group_size=128)
+      >>> w = jqtz.quantize(jnp.ones((256, 128)), spec)
+      >>> x = jnp.ones((1, 256), jnp.bfloat16)
+      >>> with jqtz.nn.use_pallas_kernels(False):
+      ...     jqtz.nn.matmul_path(x, w, backend="gpu", compute_capability=(9, 0))
+      'xla'
+      >>> jqtz.nn.matmul_path(x, w, backend="gpu", compute_capability=(9, 0))
+      'w4a16'
+    """
+    jax.clear_caches()
+    _PALLAS.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _PALLAS.pop()
+        jax.clear_caches()
+
+
+def matmul_path(x, w, *, backend=None, compute_capability=None) -> str:
+    """Which path `dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))` takes: the name of the
+    Pallas kernel (`"w4a16"`, `"w8a8"`) or `"xla"`. `backend` and `compute_capability` default
+    to the current device's (pass them to ask about a GPU from a CPU machine)."""
+    backend = backend or jax.default_backend()
+    if backend != "gpu" or not pallas_kernels_enabled() or not isinstance(w, QArray):
+        return "xla"
+    from pallas_kernels import dispatch  # imported only where a kernel can run
+
+    name = dispatch.kernel_for(x, w, backend=backend, compute_capability=compute_capability)
+    return name or "xla"
+
+
 def _kernel_matmul(x, w: QArray):
     """The Pallas kernel's product where `pallas_kernels.dispatch` has one for this backend,
-    shape and format; None elsewhere (always on CPU), and the XLA path below runs."""
-    if jax.default_backend() != "gpu":
+    shape and format (`matmul_path`); None elsewhere (always on CPU), and the XLA path runs."""
+    if jax.default_backend() != "gpu" or not pallas_kernels_enabled():
         return None
     from pallas_kernels import dispatch  # imported only where a kernel can run
 

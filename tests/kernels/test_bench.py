@@ -120,3 +120,23 @@ def test_tune_candidates_are_valid_and_start_with_the_default():
         cands = w4a16.tune_candidates(m, 8192, 64)
         assert cands[0] == w4a16.default_config(m, 8192, 64)
         assert len(set(cands)) == len(cands) and all(8192 % c.block_n == 0 for c in cands)
+
+
+def test_end_to_end_decode_bench_smoke(capsys):
+    """examples/bench_decode.py (the GPU session's second command) on a 2-layer model: every
+    case runs, with kernels on and off, and names its paths."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--tiny", "--new", "4", "--prompt", "8"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if "matmul" in line]
+    assert [r[:3] for r in rows] == [
+        ["bf16", "bf16", "on"], ["w4a16", "bf16", "on"], ["w4a16", "bf16", "off"],
+        ["bf16", "int8", "on"], ["bf16", "int8", "off"], ["w4a16", "int8", "on"],
+        ["w4a16", "int8", "off"],
+    ]  # fmt: skip
+    assert all(float(r[4]) > 0 for r in rows)

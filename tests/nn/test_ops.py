@@ -129,3 +129,53 @@ def test_gpu_products_go_through_the_kernel_dispatch(monkeypatch):
     # A contraction other than x[..., K] @ w[K, N] never reaches the kernels.
     y = dot_general(x.T, q, (((0,), (0,)), ((), ())))
     np.testing.assert_allclose(y, x @ q.dequantize(), rtol=1e-5, atol=1e-5)
+
+
+def test_use_pallas_kernels_switches_every_product_and_the_cache_to_xla(monkeypatch):
+    from jqtz.models.quantized_kv_cache import KVQuantSpec, QuantizedKVCache
+    from pallas_kernels import dispatch
+
+    x, w = _xw()
+    q = jqtz.quantize(w, jqtz.QuantSpec(format="int4", granularity="group", group_size=32))
+    h100 = dict(backend="gpu", compute_capability=(9, 0))
+    xb = jnp.ones((2, 64), jnp.bfloat16)
+    wk = jqtz.quantize(
+        jnp.ones((256, 128)), jqtz.QuantSpec(format="int4", granularity="group", group_size=128)
+    )
+    cache = QuantizedKVCache.init(KVQuantSpec(kind="int8"), batch=1, max_len=64, n_kv_heads=2,
+                                  head_dim=64)  # fmt: skip
+    q1 = jnp.ones((1, 1, 8, 64), jnp.bfloat16)
+    assert jqtz.nn.pallas_kernels_enabled()
+    assert jqtz.nn.matmul_path(jnp.ones((2, 256), jnp.bfloat16), wk, **h100) == "w4a16"
+    assert jqtz.nn.matmul_path(xb, jnp.ones((64, 8)), **h100) == "xla"  # not a QArray
+    assert jqtz.nn.matmul_path(jnp.ones((2, 256), jnp.bfloat16), wk) == "xla"  # this CPU
+    assert cache.attention_path(q1, **h100) == "kernel"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(dispatch, "maybe_matmul", lambda x, w: jnp.full((x.shape[0], 40), 7.0))
+    assert float(dot_general(x, q, DN)[0, 0]) == 7.0  # the (pretend) kernel ran
+    with jqtz.nn.use_pallas_kernels(False):
+        assert not jqtz.nn.pallas_kernels_enabled()
+        np.testing.assert_allclose(dot_general(x, q, DN), x @ q.dequantize(), rtol=1e-5, atol=1e-5)
+        assert jqtz.nn.matmul_path(jnp.ones((2, 256), jnp.bfloat16), wk, **h100) == "xla"
+        assert cache.attention_path(q1, **h100) == "xla"
+        with jqtz.nn.use_pallas_kernels(True):  # nests
+            assert cache.attention_path(q1, **h100) == "kernel"
+        assert cache.attention_path(q1, **h100) == "xla"
+    assert jqtz.nn.pallas_kernels_enabled()
+    assert float(dot_general(x, q, DN)[0, 0]) == 7.0
+
+
+def test_use_pallas_kernels_retraces_jitted_functions(monkeypatch):
+    """The kernel choice is made at trace time; the switch clears the caches so that a function
+    jitted before is traced again instead of replaying the other path."""
+    from pallas_kernels import dispatch
+
+    x, w = _xw()
+    q = jqtz.quantize(w, jqtz.QuantSpec(format="int4", granularity="group", group_size=32))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(dispatch, "maybe_matmul", lambda x, w: jnp.full((x.shape[0], 40), 7.0))
+    f = jax.jit(lambda x, q: dot_general(x, q, DN))
+    assert float(f(x, q)[0, 0]) == 7.0
+    with jqtz.nn.use_pallas_kernels(False):
+        np.testing.assert_allclose(f(x, q), x @ q.dequantize(), rtol=1e-5, atol=1e-5)
+    assert float(f(x, q)[0, 0]) == 7.0
