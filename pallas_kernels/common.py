@@ -194,6 +194,16 @@ def bench_header(extra: str = "") -> str:
     return f"{line}; {extra}" if extra else line
 
 
+def run_benchmark(name: str, benchmark, **kwargs) -> int:
+    """A kernel file's `--bench`: `benchmark(Report(), **kwargs)` after the header line, on an
+    NVIDIA GPU; elsewhere it says that no GPU is present. Returns the exit status (0)."""
+    if require_gpu_or_exit(name):
+        report = Report()
+        report(bench_header())
+        benchmark(report, **kwargs)
+    return 0
+
+
 def require_gpu_or_exit(name: str) -> bool:
     """True on an NVIDIA GPU; otherwise prints that no GPU is present (the caller exits 0)."""
     if gpu_compute_capability() is None:

@@ -640,13 +640,9 @@ def main(argv=None) -> int:
     if not args.bench:
         parser.print_help()
         return 0
-    if not common.require_gpu_or_exit("decode_attention"):
-        return 0
-    report = common.Report()
-    report(common.bench_header())
-    benchmark(report, tune=args.tune, batch=args.batch, heads=args.heads,
-              kv_heads=args.kv_heads, head_dim=args.head_dim, page=args.page)  # fmt: skip
-    return 0
+    sizes = dict(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
+                 head_dim=args.head_dim, page=args.page)  # fmt: skip
+    return common.run_benchmark("decode_attention", benchmark, tune=args.tune, **sizes)
 
 
 if __name__ == "__main__":

@@ -507,12 +507,9 @@ def main(argv=None) -> int:
     if not args.bench:
         parser.print_help()
         return 0
-    if not common.require_gpu_or_exit("w4a16"):
-        return 0
-    report = common.Report()
-    report(common.bench_header())
-    benchmark(report, tune=args.tune, bits=args.bits, group=args.group)
-    return 0
+    return common.run_benchmark(
+        "w4a16", benchmark, tune=args.tune, bits=args.bits, group=args.group
+    )
 
 
 if __name__ == "__main__":

@@ -316,12 +316,7 @@ def main(argv=None) -> int:
     if not args.bench:
         parser.print_help()
         return 0
-    if not common.require_gpu_or_exit("w8a8"):
-        return 0
-    report = common.Report()
-    report(common.bench_header())
-    benchmark(report, tune=args.tune)
-    return 0
+    return common.run_benchmark("w8a8", benchmark, tune=args.tune)
 
 
 if __name__ == "__main__":
