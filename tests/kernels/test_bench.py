@@ -97,6 +97,17 @@ def test_best_config_keeps_the_default_when_nothing_beats_it():
     assert [c for _, c, _ in tried] == ["a", "b"]  # the default is not timed twice
 
 
+def test_best_config_never_chooses_a_wrong_result():
+    lines = []
+    results = {"default": (2.0, 1e-3), "racy": (0.5, 0.3), "nan": (0.4, float("inf")),
+               "ok": (1.5, 2e-3)}  # fmt: skip
+    _, best, tried = common.best_config(
+        lines.append, "k", "default", list(results), results.__getitem__, deadline=float("inf")
+    )
+    assert best == (1.5, "ok", 2e-3) and [c for _, c, _ in tried] == ["ok"]
+    assert sum("not chosen" in s for s in lines) == 2
+
+
 def test_copies_overflow_the_cache():
     assert common.copies_to_miss_cache(34_600_000) * 34_600_000 > 2 * common.L2_BYTES
     assert common.copies_to_miss_cache(2 * 10**9) == 1
