@@ -62,6 +62,16 @@ def gpu_compute_capability() -> tuple[int, int] | None:
     return int(major), int(minor or 0)
 
 
+def gpu_capability(backend=None, compute_capability=None, *, need=(8, 0)):
+    """`(major, minor)` when `backend` (default: the current one) is an NVIDIA GPU of compute
+    capability `compute_capability` (default: the first device's) at least `need`; else None.
+    The first check of every kernel's `can_use`."""
+    if (backend or jax.default_backend()) != "gpu":
+        return None
+    cc = compute_capability or gpu_compute_capability()
+    return None if cc is None or tuple(cc) < tuple(need) else tuple(cc)
+
+
 @contextlib.contextmanager
 def abstract_cuda_device(device_kind: str = H100_DEVICE_KIND):
     """Context in which `jit(f).trace(...).lower(lowering_platforms=("cuda",))` works on a CPU.
@@ -113,8 +123,8 @@ def time_per_call(fn, arg_sets, *, iters: int = 20) -> float:
 
     Two jitted programs are timed (median of `iters` runs each): one call on `arg_sets[0]`, and
     one call per set, in order, in a single program. The slope `(t_all - t_one) / (n - 1)` is
-    the time per call without the host's dispatch cost, which is tens of microseconds, as long
-    as a decode GEMV. Give each set its own small inputs (activations) so that XLA cannot merge
+    the time per call without the host's fixed dispatch cost, which can be as long as a decode
+    GEMV. Give each set its own small inputs (activations) so that XLA cannot merge
     or deduplicate the calls, and rotate the large ones (weights, caches) among
     `copies_to_miss_cache(...)` copies so that the calls read device memory, not the L2.
     """

@@ -512,13 +512,10 @@ def can_use(q, k: Pages, v: Pages, *, backend: str | None = None, compute_capabi
     bf16/f16/f32 with ``D`` a power of two >= 16 (>= 32 for int4), pages of a power-of-two
     number of tokens >= 16, at most 64 query heads per KV head and per-token value scales.
     """
-    backend = backend or jax.default_backend()
-    if backend != "gpu":
+    cc = common.gpu_capability(backend, compute_capability)
+    if cc is None:
         return False
-    cc = compute_capability or common.gpu_compute_capability()
-    if cc is None or tuple(cc) < (8, 0):
-        return False
-    if "fp8" in (k.kind, v.kind) and tuple(cc) < (8, 9):
+    if "fp8" in (k.kind, v.kind) and cc < (8, 9):
         return False
     if q.ndim != 3 or np.dtype(q.dtype) not in _Q_DTYPES or v.per_channel:
         return False

@@ -384,11 +384,8 @@ def can_use(x, w, *, backend: str | None = None, compute_capability=None) -> boo
       compute_capability: (major, minor); default the first device's. Needs >= 8.0 (Ampere):
         bf16 tensor-core dots in Triton.
     """
-    backend = backend or jax.default_backend()
-    if backend != "gpu":
-        return False
-    cc = compute_capability or common.gpu_compute_capability()
-    if cc is None or tuple(cc) < (8, 0):
+    cc = common.gpu_capability(backend, compute_capability)
+    if cc is None:
         return False
     if not isinstance(w, PackedWeight) and supports_qarray(w) is not None:
         return False

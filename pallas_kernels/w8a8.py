@@ -204,17 +204,11 @@ def reference(xq, sx, wq, sw, *, out_dtype=jnp.bfloat16) -> jax.Array:
 
 def can_use(xq, wq, *, backend: str | None = None, compute_capability=None) -> bool:
     """Whether `matmul` should run on the GPU: int8 needs sm_80+, e4m3 needs sm_89+."""
-    backend = backend or jax.default_backend()
-    if backend != "gpu":
-        return False
-    cc = compute_capability or common.gpu_compute_capability()
-    if cc is None:
-        return False
     dt = np.dtype(xq.dtype)
-    if dt != np.dtype(wq.dtype) or dt not in _CODE_DTYPES:
+    if dt != np.dtype(wq.dtype) or dt not in _CODE_DTYPES or xq.shape[-1] != wq.shape[0]:
         return False
     need = (8, 9) if dt == np.dtype(jnp.float8_e4m3fn) else (8, 0)
-    return tuple(cc) >= need and xq.shape[-1] == wq.shape[0]
+    return common.gpu_capability(backend, compute_capability, need=need) is not None
 
 
 #: Configs `--tune` tries for M >= 128 (the default first), after Triton's usual GEMM sweep.
