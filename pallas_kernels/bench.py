@@ -1,6 +1,6 @@
 """All kernel benchmarks in one run, for one call on a lent GPU: check, time, tune, summarise.
 
-    python -m pallas_kernels.bench --tune --out DIR      # on an H100: about 8 minutes
+    python -m pallas_kernels.bench --tune --out DIR      # on a GPU (budgeted for one 10-min call)
     python -m pallas_kernels.bench --smoke --tune        # anywhere: tiny shapes, interpreter
 
 For each kernel (`w4a16`, `w8a8`, `decode_attention`) it measures the roofline of this run
@@ -108,6 +108,9 @@ def main(argv=None) -> int:
     report = common.Report(None if args.out is None else args.out / "log.txt")
     report(common.bench_header("smoke run: interpreter, not GPU timing" if args.smoke else ""))
     only = {s for s in args.only.split(",") if s}
+    known = [name for name, _, _ in _SHARES]
+    if only - set(known):
+        ap.error(f"--only: unknown kernel(s) {sorted(only - set(known))}; choose from {known}")
     rows, failures = [], []
     start = time.monotonic()
     used = 0.0

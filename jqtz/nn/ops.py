@@ -76,8 +76,18 @@ def dot_general(
     return _with_quantized_activations(lhs, rhs, dimension_numbers, out_dtype, kwargs)
 
 
+def _pallas_from_env() -> bool:
+    value = os.environ.get("JQTZ_PALLAS", "1").strip().lower()
+    if value not in ("0", "1", "off", "on", "false", "true"):
+        raise ValueError(
+            f"environment variable JQTZ_PALLAS={value!r}: expected 0 (Pallas kernels off) or 1 "
+            "(on, the default); also accepted: off/on, false/true"
+        )
+    return value in ("1", "on", "true")
+
+
 #: Whether the Pallas GPU kernels may run (`use_pallas_kernels`; `JQTZ_PALLAS=0` turns them off).
-_PALLAS = [os.environ.get("JQTZ_PALLAS", "1") != "0"]
+_PALLAS = [_pallas_from_env()]
 
 
 def pallas_kernels_enabled() -> bool:

@@ -167,3 +167,11 @@ def test_kernel_bench_entry_points_pass_valid_arguments(name, monkeypatch):
     monkeypatch.setattr(module, "benchmark", lambda *a, **k: calls.append(real.bind(*a, **k)))
     assert module.main(["--bench", "--tune"]) == 0
     assert len(calls) == 1 and calls[0].arguments["tune"] is True
+
+
+def test_only_rejects_unknown_kernels(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--smoke", "--only", "w4a16,w8a16"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--only: unknown kernel(s) ['w8a16']" in err and "decode_attention" in err

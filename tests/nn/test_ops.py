@@ -179,3 +179,21 @@ def test_use_pallas_kernels_retraces_jitted_functions(monkeypatch):
     with jqtz.nn.use_pallas_kernels(False):
         np.testing.assert_allclose(f(x, q), x @ q.dequantize(), rtol=1e-5, atol=1e-5)
     assert float(f(x, q)[0, 0]) == 7.0
+
+
+@pytest.mark.parametrize(
+    "value,enabled", [("0", False), ("off", False), ("False", False), ("1", True), (" on ", True)]
+)
+def test_jqtz_pallas_environment_variable(value, enabled, monkeypatch):
+    from jqtz.nn import ops
+
+    monkeypatch.setenv("JQTZ_PALLAS", value)
+    assert ops._pallas_from_env() is enabled
+
+
+def test_jqtz_pallas_rejects_unclear_values(monkeypatch):
+    from jqtz.nn import ops
+
+    monkeypatch.setenv("JQTZ_PALLAS", "no")
+    with pytest.raises(ValueError, match="JQTZ_PALLAS='no': expected 0"):
+        ops._pallas_from_env()
