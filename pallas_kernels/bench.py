@@ -126,7 +126,11 @@ def main(argv=None) -> int:
             failures.append(name)
             report(traceback.format_exc())
         if args.out is not None:
-            records = [{**r, "config": dataclasses.asdict(r["config"])} for r in rows]
+            records = [
+                {**r, "config": dataclasses.asdict(r["config"]),
+                 "config_type": type(r["config"]).__name__}  # TuningConfig, MosaicConfig
+                for r in rows
+            ]  # fmt: skip
             (args.out / "results.json").write_text(json.dumps(records, indent=1))
     text = summary(rows, failures, judge=not args.smoke)
     if args.out is not None:

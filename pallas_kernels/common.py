@@ -1,8 +1,8 @@
 """Helpers shared by the kernel files: backend checks, padding, CUDA lowering on a CPU, timing.
 
-Every kernel in this package uses the Pallas **Triton** lowering (`pl.pallas_call` with
-`jax.experimental.pallas.triton.CompilerParams`); docs/kernels.md says why and what moving to
-Mosaic GPU would take.
+The kernels use the Pallas **Triton** lowering (`pl.pallas_call` with
+`jax.experimental.pallas.triton.CompilerParams`); W8A8 also has a **Mosaic GPU** path
+(`w8a8.MosaicConfig`). docs/kernels.md says why and what moving the rest to Mosaic GPU takes.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import jax.numpy as jnp
 
 #: Custom-call target that the Pallas Triton lowering emits (checked by the lowering tests).
 TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
+
+#: Custom-call target that the Pallas Mosaic GPU lowering emits.
+MOSAIC_GPU_CUSTOM_CALL = "mosaic_gpu_v2"
 
 #: The device the CUDA lowering tests pretend to compile for.
 H100_DEVICE_KIND = "NVIDIA H100 80GB HBM3"

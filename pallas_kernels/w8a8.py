@@ -10,8 +10,16 @@
   for e4m3) and scaled in float32.
 
 Activations are quantized by XLA before the call (`quantize_rows`, per token, symmetric, which
-XLA can fuse into the producer of `x`). The weight is `[K, N]` (flax layout): the Triton
-lowering takes either operand order, so no transposed copy is kept.
+XLA can fuse into the producer of `x`).
+
+Two lowerings, chosen by the config's type:
+- `TuningConfig`: Pallas Triton (the default). Reads the weight `[K, N]` as flax stores it (or
+  `[N, K]`), all scale layouts above.
+- `MosaicConfig`: Pallas Mosaic GPU, Hopper only: a TMA pipeline feeding `wgmma` from shared
+  memory, scales in the epilogue. 8-bit `wgmma` reads B K-major only, so the weight must be the
+  `[N, K]` copy `to_k_major` makes once at load time; per-token/per-channel (or per-tensor)
+  scales only. The benchmark suite sweeps both lowerings; the serving path keeps Triton until an
+  H100 run shows which is faster (docs/kernels.md).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -35,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import common
@@ -57,6 +66,46 @@ class TuningConfig:
             v = getattr(self, name)
             if not common.is_pow2(v) or v < 16:
                 raise ValueError(f"TuningConfig.{name} must be a power of two >= 16, got {v}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MosaicConfig:
+    """Tiles for the Mosaic GPU path (TMA pipeline feeding Hopper `wgmma`; static under jit).
+
+    Selecting it runs the product through Mosaic GPU instead of Triton. 8-bit `wgmma` reads its
+    B operand K-major only, so this path takes the weight as `[N, K]` (`w_k_major=True`).
+
+    Attributes:
+      tile_m: rows per output tile, a multiple of 64 (the `wgmma` M).
+      tile_n: columns per output tile, a multiple of 8 and at most 256.
+      tile_k: K per pipeline step, a multiple of 64.
+      max_concurrent_steps: pipeline depth (TMA loads in flight), at least 2.
+      grid_tile_width: width of the snake order over output tiles (L2 reuse of operands).
+    """
+
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 128
+    max_concurrent_steps: int = 4
+    grid_tile_width: int = 4
+
+    def __post_init__(self):
+        checks = {
+            "tile_m": self.tile_m % 64 == 0 and self.tile_m > 0,
+            "tile_n": self.tile_n % 8 == 0 and 0 < self.tile_n <= 256,
+            "tile_k": self.tile_k % 64 == 0 and self.tile_k > 0,
+            "max_concurrent_steps": self.max_concurrent_steps >= 2,
+            "grid_tile_width": self.grid_tile_width >= 1,
+            # the accumulator lives in one warpgroup's registers: tile_m * tile_n / 128 each
+            "tile_m * tile_n": self.tile_m * self.tile_n <= 128 * 128,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(
+                    f"MosaicConfig.{name} is invalid in {self}: tile_m a multiple of 64, tile_n "
+                    "a multiple of 8 up to 256, tile_m * tile_n at most 128 * 128 (registers), "
+                    "tile_k a multiple of 64, max_concurrent_steps >= 2, grid_tile_width >= 1"
+                )
 
 
 def default_config(m: int) -> TuningConfig:
@@ -128,31 +177,35 @@ def _kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, num_k, k_per_scale, acc_dtyp
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "out_dtype", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "out_dtype", "interpret", "w_k_major"))
 def matmul(
     xq: jax.Array,
     sx: jax.Array,
     wq: jax.Array,
     sw: jax.Array,
     *,
-    config: TuningConfig | None = None,
+    config: TuningConfig | MosaicConfig | None = None,
     out_dtype=jnp.bfloat16,
     interpret: bool = False,
+    w_k_major: bool = False,
 ) -> jax.Array:
     """`(xq * sx) @ (wq * sw)` on the codes; see the module docstring for the scale shapes.
 
     Args:
       xq: int8 or float8_e4m3fn `[M, K]`.
       sx: float32 `[M, 1]` (per token) or `[M, K/128]` (1x128 groups); `[1, 1]` per tensor.
-      wq: the same code dtype, `[K, N]`.
+      wq: the same code dtype, `[K, N]`; `[N, K]` with `w_k_major` (see `to_k_major`).
       sw: float32 `[1, N]` (per channel) or `[K/128, N]` (128x128 blocks, repeated along N).
+      config: a `TuningConfig` (Triton, either weight layout) or a `MosaicConfig` (Mosaic GPU:
+        per-token/per-channel or per-tensor scales and a K-major weight only).
     """
     m, k = xq.shape
-    k2, n = wq.shape
+    n, k2 = wq.shape if w_k_major else wq.shape[::-1]
     if k != k2 or xq.dtype != wq.dtype or np.dtype(xq.dtype) not in _CODE_DTYPES:
+        layout = "[N, K]" if w_k_major else "[K, N]"
         raise ValueError(
-            f"`xq` {xq.shape} {xq.dtype} and `wq` {wq.shape} {wq.dtype} must share K and a code "
-            "dtype (int8 or float8_e4m3fn)"
+            f"`xq` {xq.shape} {xq.dtype} and `wq` {layout} {wq.shape} {wq.dtype} must share K "
+            "and a code dtype (int8 or float8_e4m3fn)"
         )
     kb = sx.shape[1]
     if sw.shape[0] != kb or k % kb or (kb > 1 and k // kb != 128):
@@ -160,9 +213,19 @@ def matmul(
             f"scales `sx` {sx.shape} and `sw` {sw.shape} must both have 1 or K/128 blocks along K"
         )
     cfg = config or default_config(m)
-    bk = min(cfg.block_k, max(16, 1 << (k - 1).bit_length())) if kb == 1 else 128
     sx = jnp.broadcast_to(sx.astype(jnp.float32), (m, kb))
     sw = jnp.broadcast_to(sw.astype(jnp.float32), (kb, n))
+    if isinstance(cfg, MosaicConfig):
+        if not w_k_major or kb != 1:
+            raise ValueError(
+                "a MosaicConfig needs a K-major weight (`w_k_major=True`, `wq = to_k_major(wq)`) "
+                f"and one scale block along K; got w_k_major={w_k_major}, {kb} scale blocks. "
+                "Use a TuningConfig (Triton) for 1x128 block scales."
+            )
+        return _mosaic_matmul(xq, sx[:, 0], wq, sw[0], cfg, out_dtype, interpret)
+    if w_k_major:  # Triton reads either layout; [K, N] keeps the block loads row-major
+        wq = wq.T
+    bk = min(cfg.block_k, max(16, 1 << (k - 1).bit_length())) if kb == 1 else 128
     mp, np_, kp = (
         common.round_up(m, cfg.block_m),
         common.round_up(n, cfg.block_n),
@@ -190,6 +253,109 @@ def matmul(
         interpret=interpret,
         name=f"w8a8_{np.dtype(xq.dtype).name}",
     )(xq, sx, wq, sw)
+    return out[:m, :n]
+
+
+def to_k_major(wq: jax.Array) -> jax.Array:
+    """The `[N, K]` copy of weight codes `wq [K, N]` that a `MosaicConfig` reads.
+
+    Make it once at load time: transposing on every call would move the weight twice more.
+    """
+    return jnp.asarray(wq).T.copy()
+
+
+def _num_sms() -> int:
+    """Streaming multiprocessors of the device compiled for (132 on an H100 SXM)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    cores = getattr(getattr(mesh, "abstract_device", None), "num_cores", None)
+    if cores:
+        return cores
+    if common.gpu_compute_capability() is not None:
+        return getattr(jax.devices()[0], "core_count", None) or 132
+    return 132
+
+
+def _mosaic_kernel(x_g, w_g, sx_g, sw_g, o_g, *, cfg: MosaicConfig, tiles_mn, num_k, acc_dtype):
+    """One warpgroup per output tile: a TMA pipeline over K feeds `wgmma` (A and B from shared
+    memory, B K-major); the epilogue scales the accumulator by the row and column scales and
+    stores the tile through shared memory with TMA. Tiles are walked persistently in snake order
+    (`cfg.grid_tile_width`) so neighbouring blocks share operand tiles in L2."""
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    gm, gn = tiles_mn
+
+    @plgpu.nd_loop((gm * gn,), collective_axes="sm")
+    def _tile(info):
+        mi, ni = plgpu.planar_snake(info.index[0], (gm, gn), 1, cfg.grid_tile_width)
+
+        def acc_scope(acc_ref):
+            plgpu.emit_pipeline(
+                lambda _, x_s, w_s: plgpu.wgmma(acc_ref, x_s, w_s.T),
+                grid=(num_k,),
+                in_specs=[
+                    plgpu.BlockSpec((tm, tk), lambda kk: (mi, kk), delay_release=1),
+                    plgpu.BlockSpec((tn, tk), lambda kk: (ni, kk), delay_release=1),
+                ],
+                max_concurrent_steps=cfg.max_concurrent_steps,
+            )(x_g, w_g)
+            return acc_ref[...]
+
+        acc = pl.run_scoped(acc_scope, plgpu.ACC((tm, tn), acc_dtype))
+
+        def epilogue(o_s, sx_s, sw_s, bar):
+            plgpu.copy_gmem_to_smem(sx_g.at[pl.ds(mi * tm, tm)], sx_s, bar)
+            plgpu.barrier_wait(bar)
+            plgpu.copy_gmem_to_smem(sw_g.at[pl.ds(ni * tn, tn)], sw_s, bar)
+            plgpu.barrier_wait(bar)
+            rows = plgpu.load(sx_s, layout=plgpu.Layout.WGMMA.reduce(1))
+            cols = plgpu.load(sw_s, layout=plgpu.Layout.WGMMA.reduce(0))
+            y = acc.astype(jnp.float32)
+            y = y * jax.lax.broadcast_in_dim(rows, (tm, tn), [0])
+            y = y * jax.lax.broadcast_in_dim(cols, (tm, tn), [1])
+            o_s[...] = y.astype(o_s.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_s, o_g.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        pl.run_scoped(
+            epilogue,
+            plgpu.SMEM((tm, tn), o_g.dtype),
+            plgpu.SMEM((tm,), jnp.float32),
+            plgpu.SMEM((tn,), jnp.float32),
+            plgpu.Barrier(num_barriers=1),
+        )
+
+
+def _mosaic_matmul(xq, sx, wq, sw, cfg: MosaicConfig, out_dtype, interpret):
+    """The Mosaic GPU product of `xq [M, K]` and K-major `wq [N, K]` with row scales `sx [M]`
+    and column scales `sw [N]`, padded to whole tiles."""
+    m, k = xq.shape
+    n = wq.shape[0]
+    mp, np_, kp = (
+        common.round_up(m, cfg.tile_m),
+        common.round_up(n, cfg.tile_n),
+        common.round_up(k, cfg.tile_k),
+    )
+    xq = common.pad_axis(common.pad_axis(xq, 1, kp), 0, mp)
+    wq = common.pad_axis(common.pad_axis(wq, 1, kp), 0, np_)
+    sx = common.pad_axis(sx, 0, mp, 1.0)
+    sw = common.pad_axis(sw, 0, np_, 1.0)
+    tiles = (mp // cfg.tile_m, np_ // cfg.tile_n)
+    body = functools.partial(
+        _mosaic_kernel,
+        cfg=cfg,
+        tiles_mn=tiles,
+        num_k=kp // cfg.tile_k,
+        acc_dtype=jnp.int32 if xq.dtype == jnp.int8 else jnp.float32,
+    )
+    out = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+        grid=(min(_num_sms(), tiles[0] * tiles[1]),),
+        grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+        kernel_name=f"w8a8_mgpu_{np.dtype(xq.dtype).name}",
+    )(xq, wq, sx, sw)
     return out[:m, :n]
 
 
@@ -225,13 +391,39 @@ TUNE_CANDIDATES = (
 )
 
 
+#: Mosaic GPU configs `--tune` tries (per-token x per-channel scales), within the H100's shared
+#: memory: stages x (tile_m + tile_n) x tile_k bytes + the output tile.
+MOSAIC_TUNE_CANDIDATES = (
+    MosaicConfig(),
+    MosaicConfig(tile_m=64, tile_n=256, tile_k=128, max_concurrent_steps=4),
+    MosaicConfig(tile_m=128, tile_n=128, tile_k=256, max_concurrent_steps=3),
+    MosaicConfig(tile_m=128, tile_n=64, tile_k=128, max_concurrent_steps=6),
+    MosaicConfig(grid_tile_width=8),
+    MosaicConfig(grid_tile_width=16),
+)
+
+
+def tune_candidates(*, smoke: bool = False, block_scales: bool = False) -> list:
+    """The configs `--tune` sweeps: Triton and Mosaic GPU alternately, so that a sweep cut short
+    by its time budget has still tried both lowerings. 1x128 block scales: Triton only, with
+    `block_k` 128 (the kernel steps K by the scale block)."""
+    if block_scales:
+        triton = TUNE_CANDIDATES[:2] if smoke else TUNE_CANDIDATES
+        return [dataclasses.replace(c, block_k=128) for c in triton]
+    triton = TUNE_CANDIDATES[:1] if smoke else TUNE_CANDIDATES
+    mosaic = MOSAIC_TUNE_CANDIDATES[:1] if smoke else MOSAIC_TUNE_CANDIDATES
+    n = min(len(triton), len(mosaic))
+    mixed = [c for pair in zip(triton[:n], mosaic[:n], strict=True) for c in pair]
+    return mixed + list(triton[n:]) + list(mosaic[n:])
+
+
 def benchmark(report, *, smoke=False, tune=False, deadline=float("inf")):
     """Time int8 and fp8 e4m3 products (per-token x per-channel scales; fp8 also with 1x128 x
-    128x128 block scales) against the bf16 XLA product; with `tune`, sweep `TUNE_CANDIDATES`
-    (all on the first shape at the largest M, the three fastest elsewhere). The kernel's time
-    excludes the activations' quantization; `+xq us` includes it (XLA's `quantize_rows` then the
-    kernel, as `jqtz`'s W8A8 path runs). `smoke`: tiny shapes in the interpreter. Returns one
-    dict per case for `pallas_kernels.bench`."""
+    128x128 block scales) against the bf16 XLA product; with `tune`, sweep `tune_candidates()`,
+    Triton and Mosaic GPU (all on the first shape at the largest M, the three fastest
+    elsewhere). The kernel's time excludes the activations' quantization; `+xq us` includes it
+    (XLA's `quantize_rows` then the kernel, as `jqtz`'s W8A8 path runs). `smoke`: tiny shapes
+    in the interpreter. Returns one dict per case for `pallas_kernels.bench`."""
     interpret = smoke
     iters = 1 if smoke else 10
     shapes = [(128, 256)] if smoke else [(8192, 8192), (14336, 4096), (4096, 14336)]
@@ -260,20 +452,25 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf")):
                 ws = [(wq, sw)] + [
                     (jnp.copy(wq), sw) for _ in range(common.copies_to_miss_cache(wq.nbytes) - 1)
                 ]
+                # Mosaic GPU reads the K-major copy that jqtz would make once at load time.
+                ws_t = [(to_k_major(q), s) for q, s in ws] if tune and not block else []
                 xqs = [quantize_rows(x[i], dtype, block) for i in range(calls)]
                 sets = [(*xqs[i], *ws[i % len(ws)]) for i in range(calls)]
+                sets_t = [(*xqs[i], *ws_t[i % len(ws_t)]) for i in range(calls)] if ws_t else []
                 ref = reference(*sets[0], out_dtype=jnp.float32)
 
-                def measure(cfg, sets=sets, ref=ref):
-                    fn = functools.partial(matmul, config=cfg, interpret=interpret)
-                    err = common.relative_error(fn(*sets[0]), ref)
-                    return common.time_per_call(fn, sets, iters=iters), err
+                def measure(cfg, sets=sets, sets_t=sets_t, ref=ref):
+                    k_major = isinstance(cfg, MosaicConfig)
+                    fn = functools.partial(
+                        matmul, config=cfg, interpret=interpret, w_k_major=k_major
+                    )
+                    args = sets_t if k_major else sets
+                    err = common.relative_error(fn(*args[0]), ref)
+                    return common.time_per_call(fn, args, iters=iters), err
 
                 cands = []
                 if tune:
-                    cands = list(TUNE_CANDIDATES[:2] if smoke else TUNE_CANDIDATES)
-                    if block:  # 128-block scales step K by 128: block_k does not apply
-                        cands = [dataclasses.replace(c, block_k=128) for c in cands]
+                    cands = tune_candidates(smoke=smoke, block_scales=block is not None)
                     if (si, m) != (0, ms[0]):
                         cands = winners.get(name, cands)
                 t_base, best, tried = common.best_config(
@@ -283,13 +480,15 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf")):
                 if (si, m) == (0, ms[0]):
                     winners[name] = [c for _, c, _ in tried[:3]]
                 t, cfg, err = best
+                k_major = isinstance(cfg, MosaicConfig)
                 t_q = common.time_per_call(  # with the activations' quantization (XLA)
-                    lambda x, wq, sw, cfg=cfg, block=block, dtype=dtype: matmul(
-                        *quantize_rows(x, dtype, block), wq, sw, config=cfg, interpret=interpret
+                    lambda x, wq, sw, cfg=cfg, block=block, dtype=dtype, k_major=k_major: matmul(
+                        *quantize_rows(x, dtype, block), wq, sw, config=cfg, interpret=interpret,
+                        w_k_major=k_major,
                     ),
-                    [(x[i], *ws[i % len(ws)]) for i in range(calls)],
+                    [(x[i], *(ws_t if k_major else ws)[i % len(ws)]) for i in range(calls)],
                     iters=iters,
-                )
+                )  # fmt: skip
                 flops = 2 * m * n * k / t
                 rows.append(dict(kernel=f"w8a8 {name}", m=m, n=n, k=k, us=t * 1e6,
                                  default_us=t_base * 1e6, baseline_us=t_bf16 * 1e6,
@@ -305,7 +504,7 @@ def main(argv=None) -> int:
     """`python -m pallas_kernels.w8a8 --bench [--tune]`: INT8/FP8 vs bf16 XLA on a GPU."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", action="store_true", help="time the kernel on the GPU")
-    parser.add_argument("--tune", action="store_true", help="also sweep TUNE_CANDIDATES")
+    parser.add_argument("--tune", action="store_true", help="also sweep tune_candidates()")
     args = parser.parse_args(argv)
     if not args.bench:
         parser.print_help()

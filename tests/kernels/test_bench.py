@@ -4,13 +4,15 @@ The smoke run executes every line of the GPU benchmark code (checks, timing, tun
 in the Pallas interpreter, so the first call on a lent GPU does not fail on a bug here.
 """
 
+import functools
 import json
 import time
 
+import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import bench, common, w4a16
+from pallas_kernels import bench, common, w4a16, w8a8
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -25,11 +27,13 @@ def test_smoke_run_writes_every_output(tmp_path):
         assert 0 < r["rel_err"] <= bench.ERROR_BOUND, r
         assert r["us"] > 0 and r["baseline_us"] > 0
         assert isinstance(r["config"], dict)
+        assert r["config_type"] in ("TuningConfig", "MosaicConfig")  # which lowering won
     summary = (tmp_path / "summary.md").read_text()
     assert "not judged (smoke run)" in summary and "met" not in summary.replace("wanted", "")
     log = (tmp_path / "log.txt").read_text()
     assert all(f"## {k}" in log for k in ("w4a16", "w8a8", "decode_attention"))
     assert "rel err" in log  # the tuning sweep reported candidates
+    assert "MosaicConfig(" in log  # and ran the Mosaic GPU path in its interpreter
 
 
 def test_without_gpu_exits_cleanly(capsys):
@@ -131,6 +135,31 @@ def test_tune_candidates_are_valid_and_start_with_the_default():
         cands = w4a16.tune_candidates(m, 8192, 64)
         assert cands[0] == w4a16.default_config(m, 8192, 64)
         assert len(set(cands)) == len(cands) and all(8192 % c.block_n == 0 for c in cands)
+
+
+def test_w8a8_tune_candidates_alternate_lowerings():
+    cands = w8a8.tune_candidates()
+    assert cands[0] == w8a8.default_config(4096) and isinstance(cands[1], w8a8.MosaicConfig)
+    assert set(cands) == set(w8a8.TUNE_CANDIDATES) | set(w8a8.MOSAIC_TUNE_CANDIDATES)
+    blocks = w8a8.tune_candidates(block_scales=True)  # Mosaic path: per-channel scales only
+    assert all(isinstance(c, w8a8.TuningConfig) and c.block_k == 128 for c in blocks)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
+def test_w8a8_mosaic_candidates_fit_the_h100(dtype):
+    """Every Mosaic GPU config the GPU session will sweep lowers for an H100 at the largest
+    benchmark shape (Mosaic GPU checks shared memory while lowering), so no device minute is
+    spent on a config that cannot compile."""
+    m, n, k = 4096, 8192, 8192
+    args = (
+        jax.ShapeDtypeStruct((m, k), dtype),
+        jax.ShapeDtypeStruct((m, 1), jnp.float32),
+        jax.ShapeDtypeStruct((n, k), dtype),
+        jax.ShapeDtypeStruct((1, n), jnp.float32),
+    )
+    for cfg in w8a8.MOSAIC_TUNE_CANDIDATES:
+        f = functools.partial(w8a8.matmul, config=cfg, w_k_major=True)
+        assert common.MOSAIC_GPU_CUSTOM_CALL in common.lower_for_cuda(f, *args)
 
 
 def test_end_to_end_decode_bench_smoke(capsys):
