@@ -65,6 +65,17 @@ def gpu_compute_capability() -> tuple[int, int] | None:
     return int(major), int(minor or 0)
 
 
+def num_sms() -> int:
+    """Streaming multiprocessors of the device compiled for (132 on an H100 SXM)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    cores = getattr(getattr(mesh, "abstract_device", None), "num_cores", None)
+    if cores:
+        return cores
+    if gpu_compute_capability() is not None:
+        return getattr(jax.devices()[0], "core_count", None) or 132
+    return 132
+
+
 def gpu_capability(backend=None, compute_capability=None, *, need=(8, 0)):
     """`(major, minor)` when `backend` (default: the current one) is an NVIDIA GPU of compute
     capability `compute_capability` (default: the first device's) at least `need`; else None.

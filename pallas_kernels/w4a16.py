@@ -17,6 +17,14 @@ and high nibbles into two half-width products that land on the even and odd outp
 and N of 128; otherwise it pads once (call it at load time). Act-order permutations are applied
 to `x` (a gather of the activations) instead of the weight.
 
+Two lowerings, chosen by the config's type: `TuningConfig` runs the kernel above through Pallas
+Triton (the default, every format); `MosaicConfig` runs a Hopper Mosaic GPU version for M >= 64
+and 4-bit codes in groups of a multiple of 64: TMA brings `x` and the codes (the packed bytes
+read as XLA's int4/uint4 arrays, same nibble order) into shared memory, each step dequantizes a
+code tile to 16 bits in registers (zero point, then the group's scale: one rounding per weight,
+as XLA's path) into one of two shared-memory buffers, and `wgmma` multiplies from shared memory
+while the next tile is dequantized. The benchmark suite sweeps both.
+
 Example:
   >>> import jax, jax.numpy as jnp, jqtz
   >>> from pallas_kernels import w4a16
@@ -40,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import common
@@ -81,6 +90,46 @@ class TuningConfig:
 
 #: Number of SMs on an H100 SXM; decode splits K until about two waves of programs exist.
 H100_SMS = 132
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MosaicConfig:
+    """Tiles for the Mosaic GPU path (Hopper, M >= 64 and 4-bit codes; static under jit).
+
+    Selecting it runs the product through Mosaic GPU instead of Triton: a TMA pipeline brings
+    `x` and int4 code tiles into shared memory; each step dequantizes a `[tile_k, tile_n]` code
+    tile to 16 bits (one scale row: `tile_k` is 128 or 64, dividing the QArray's group) into
+    one of two shared-memory buffers, and `wgmma` multiplies from shared memory while the next
+    tile is dequantized.
+
+    Attributes:
+      tile_m: rows per output tile, a multiple of 64 (the `wgmma` M).
+      tile_n: columns per output tile, a multiple of 8 up to 256 that divides the padded N.
+      max_concurrent_steps: pipeline depth (TMA loads in flight), at least 2.
+      grid_tile_width: width of the snake order over output tiles (L2 reuse of operands).
+    """
+
+    tile_m: int = 64
+    tile_n: int = 128
+    max_concurrent_steps: int = 4
+    grid_tile_width: int = 4
+
+    def __post_init__(self):
+        checks = {
+            "tile_m": self.tile_m % 64 == 0 and self.tile_m > 0,
+            "tile_n": self.tile_n % 8 == 0 and 0 < self.tile_n <= 256,
+            # the float32 accumulator lives in one warpgroup's registers
+            "tile_m * tile_n": self.tile_m * self.tile_n <= 128 * 128,
+            "max_concurrent_steps": self.max_concurrent_steps >= 2,
+            "grid_tile_width": self.grid_tile_width >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(
+                    f"MosaicConfig.{name} is invalid in {self}: tile_m a multiple of 64, tile_n "
+                    "a multiple of 8 up to 256, tile_m * tile_n at most 128 * 128 (registers), "
+                    "max_concurrent_steps >= 2, grid_tile_width >= 1"
+                )
 
 
 def default_config(m: int, n_padded: int, num_groups: int) -> TuningConfig:
@@ -283,7 +332,7 @@ def matmul(
     x: jax.Array,
     w: PackedWeight,
     *,
-    config: TuningConfig | None = None,
+    config: TuningConfig | MosaicConfig | None = None,
     out_dtype=None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -292,7 +341,8 @@ def matmul(
     Args:
       x: bf16 or f16 activations.
       w: the weight from `prepare`.
-      config: tuning; None picks `default_config` for the shapes.
+      config: a `TuningConfig` (Triton) or a `MosaicConfig` (Mosaic GPU: 4-bit codes, groups
+        of a multiple of 64, no act-order); None picks `default_config` for the shapes.
       out_dtype: default `result_type(x.dtype, w.dtype)` (what `jqtz.nn.dot_general` returns).
       interpret: run the Pallas interpreter (CPU tests) instead of compiling for the GPU.
     """
@@ -307,6 +357,9 @@ def matmul(
         x2 = jnp.take(x2, w.perm, axis=1)
     m = x2.shape[0]
     cfg = config or default_config(m, w.n_padded, w.num_groups)
+    if isinstance(cfg, MosaicConfig):
+        y = _mosaic_matmul(x2, w, cfg, out_dtype, interpret)
+        return y.reshape(*lead, w.n)
     if w.n_padded % cfg.block_n:
         raise ValueError(f"block_n={cfg.block_n} must divide the padded N {w.n_padded}")
     mp = common.round_up(m, cfg.block_m)
@@ -347,6 +400,113 @@ def matmul(
     )(*args)
     y = out[0] if split == 1 else out.sum(axis=0)
     return y[:m, : w.n].astype(out_dtype).reshape(*lead, w.n)
+
+
+def _mosaic_tile_k(w: PackedWeight) -> int | None:
+    """K per Mosaic GPU step: 128 or 64, dividing the group (one scale row) and padded K."""
+    for tk in (128, 64):
+        if w.qgroup % tk == 0 and w.k_padded % tk == 0:
+            return tk
+    return None
+
+
+def _mosaic_kernel(x_g, w_g, s_g, *refs, cfg, tiles_mn, num_k, tile_k, qgroup, has_zero, dtype):
+    """One warpgroup per output tile (tiles walked persistently in snake order). Step `kk` of the
+    K pipeline loads the code tile into registers, subtracts the zero point, scales by the
+    group's scale row, stores the 16-bit tile into buffer `kk % 2` and issues `wgmma` on it;
+    `wgmma_wait(1)` keeps one product in flight, so the next step's dequantization overlaps it
+    and never overwrites a buffer still being read."""
+    z_g, o_g = refs if has_zero else (None, *refs)
+    tm, tn = cfg.tile_m, cfg.tile_n
+    gm, gn = tiles_mn
+    row = plgpu.Layout.WGMMA.reduce(0)  # a [tile_n] vector, broadcast along K
+
+    @plgpu.nd_loop((gm * gn,), collective_axes="sm")
+    def _tile(info):
+        mi, ni = plgpu.planar_snake(info.index[0], (gm, gn), 1, cfg.grid_tile_width)
+
+        def scoped(acc_ref, buf):
+            def step(idxs, x_s, w_s, s_s, *z_s):
+                slot = idxs[0] % 2
+                codes = plgpu.load(w_s, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+                if has_zero:
+                    zero = plgpu.load(z_s[0].at[0], layout=row).astype(jnp.float32)
+                    codes = codes - jax.lax.broadcast_in_dim(zero, (tile_k, tn), [1])
+                scale = plgpu.load(s_s.at[0], layout=row).astype(jnp.float32)
+                wdq = codes * jax.lax.broadcast_in_dim(scale, (tile_k, tn), [1])
+                buf[slot] = wdq.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.wgmma(acc_ref, x_s, buf.at[slot])
+                plgpu.wgmma_wait(1)
+
+            srow = lambda kk: (kk * tile_k // qgroup, ni)
+            specs = [
+                plgpu.BlockSpec((tm, tile_k), lambda kk: (mi, kk), delay_release=1),
+                plgpu.BlockSpec((tile_k, tn), lambda kk: (kk, ni)),
+                plgpu.BlockSpec((1, tn), srow),
+            ]
+            operands = [x_g, w_g, s_g]
+            if has_zero:
+                specs.append(plgpu.BlockSpec((1, tn), srow))
+                operands.append(z_g)
+            plgpu.emit_pipeline(
+                step, grid=(num_k,), in_specs=specs, max_concurrent_steps=cfg.max_concurrent_steps
+            )(*operands)
+            return acc_ref[...]
+
+        acc = pl.run_scoped(
+            lambda b: pl.run_scoped(lambda a: scoped(a, b), plgpu.ACC((tm, tn), jnp.float32)),
+            plgpu.SMEM((2, tile_k, tn), dtype),
+        )
+
+        def epilogue(o_s):
+            o_s[...] = acc.astype(o_s.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_s, o_g.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        pl.run_scoped(epilogue, plgpu.SMEM((tm, tn), o_g.dtype))
+
+
+def _mosaic_matmul(x2, w: PackedWeight, cfg: MosaicConfig, out_dtype, interpret):
+    """The Mosaic GPU product of `x2 [M, K]` with a 4-bit `PackedWeight`, padded to tiles."""
+    tile_k = _mosaic_tile_k(w)
+    if w.bits != 4 or w.perm is not None or tile_k is None or w.n_padded % cfg.tile_n:
+        raise ValueError(
+            "a w4a16.MosaicConfig needs 4-bit codes, no act-order permutation, a group size and "
+            f"padded K that are multiples of 64, and tile_n dividing the padded N; got "
+            f"bits={w.bits}, perm={'yes' if w.perm is not None else 'no'}, group={w.qgroup}, "
+            f"K padded {w.k_padded}, N padded {w.n_padded}, tile_n={cfg.tile_n}. "
+            "Use a TuningConfig (Triton) for this weight."
+        )
+    m = x2.shape[0]
+    mp = common.round_up(m, cfg.tile_m)
+    x2 = common.pad_axis(common.pad_axis(x2, 1, w.k_padded), 0, mp)
+    # The packed bytes read as XLA's 4-bit arrays (low nibble first, as the QArray packs them).
+    codes = jax.lax.bitcast_convert_type(w.codes, jnp.int4 if w.signed else jnp.uint4)
+    codes = codes.reshape(w.k_padded, w.n_padded)
+    tiles = (mp // cfg.tile_m, w.n_padded // cfg.tile_n)
+    body = functools.partial(
+        _mosaic_kernel,
+        cfg=cfg,
+        tiles_mn=tiles,
+        num_k=w.k_padded // tile_k,
+        tile_k=tile_k,
+        qgroup=w.qgroup,
+        has_zero=w.zero is not None,
+        dtype=x2.dtype,
+    )
+    args = [x2, codes, w.scale] + ([w.zero] if w.zero is not None else [])
+    out = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((mp, w.n_padded), out_dtype),
+        grid=(min(common.num_sms(), tiles[0] * tiles[1]),),
+        grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+        kernel_name=f"w4a16_mgpu_g{w.qgroup}",
+    )(*args)
+    return out[:m, : w.n]
 
 
 def dequantize(w: PackedWeight) -> jax.Array:
@@ -396,9 +556,23 @@ def can_use(x, w, *, backend: str | None = None, compute_capability=None) -> boo
 # -- benchmark -------------------------------------------------------------------------------
 
 
-def tune_candidates(m: int, n_padded: int, num_groups: int) -> list[TuningConfig]:
+#: Mosaic GPU configs `--tune` tries for M > 16, within the H100's shared memory (pipeline
+#: stages of x and code tiles, two dequantized tiles, the output tile).
+MOSAIC_TUNE_CANDIDATES = (
+    MosaicConfig(),
+    MosaicConfig(tile_m=128, tile_n=128),
+    MosaicConfig(tile_m=64, tile_n=256, max_concurrent_steps=2),
+    MosaicConfig(tile_m=128, tile_n=64, max_concurrent_steps=4),
+    MosaicConfig(max_concurrent_steps=6),
+    MosaicConfig(grid_tile_width=8),
+)
+
+
+def tune_candidates(m: int, n_padded: int, num_groups: int) -> list:
     """The configs `--tune` tries for `m` rows (the default first): block_n, split-K and launch
-    parameters around the default for decode; block sizes and launch parameters for larger M."""
+    parameters around the default for decode; for larger M, Triton block sizes and launch
+    parameters alternating with `MOSAIC_TUNE_CANDIDATES`, so that a sweep cut short by its time
+    budget has tried both lowerings."""
     out = [default_config(m, n_padded, num_groups)]
     launch = ((4, 3), (4, 4), (8, 3))
     if m <= SMALL_M:
@@ -409,13 +583,20 @@ def tune_candidates(m: int, n_padded: int, num_groups: int) -> list[TuningConfig
                     out.append(TuningConfig(block_m=16, block_n=bn, split_k=split,
                                             num_warps=warps, num_stages=stages))  # fmt: skip
     else:
-        for bm in (64, 128):
-            for bn in (64, 128, 256):
-                for warps, stages in launch:
-                    out.append(TuningConfig(block_m=bm, block_n=bn, num_warps=warps,
-                                            num_stages=stages))  # fmt: skip
-    out = [c for c in out if n_padded % c.block_n == 0]
-    return list(dict.fromkeys(out))
+        triton = [
+            TuningConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+            for bm in (64, 128)
+            for bn in (64, 128, 256)
+            for warps, stages in launch
+        ]
+        mosaic = list(MOSAIC_TUNE_CANDIDATES)
+        while triton or mosaic:
+            out += [c.pop(0) for c in (triton, mosaic) if c]
+
+    def fits(c):
+        return n_padded % (c.tile_n if isinstance(c, MosaicConfig) else c.block_n) == 0
+
+    return list(dict.fromkeys(c for c in out if fits(c)))
 
 
 def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), bits=4, group=128):

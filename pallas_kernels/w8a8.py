@@ -264,17 +264,6 @@ def to_k_major(wq: jax.Array) -> jax.Array:
     return jnp.asarray(wq).T.copy()
 
 
-def _num_sms() -> int:
-    """Streaming multiprocessors of the device compiled for (132 on an H100 SXM)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    cores = getattr(getattr(mesh, "abstract_device", None), "num_cores", None)
-    if cores:
-        return cores
-    if common.gpu_compute_capability() is not None:
-        return getattr(jax.devices()[0], "core_count", None) or 132
-    return 132
-
-
 def _mosaic_kernel(x_g, w_g, sx_g, sw_g, o_g, *, cfg: MosaicConfig, tiles_mn, num_k, acc_dtype):
     """One warpgroup per output tile: a TMA pipeline over K feeds `wgmma` (A and B from shared
     memory, B K-major); the epilogue scales the accumulator by the row and column scales and
@@ -288,8 +277,14 @@ def _mosaic_kernel(x_g, w_g, sx_g, sw_g, o_g, *, cfg: MosaicConfig, tiles_mn, nu
         mi, ni = plgpu.planar_snake(info.index[0], (gm, gn), 1, cfg.grid_tile_width)
 
         def acc_scope(acc_ref):
+            def step(_, x_s, w_s):
+                plgpu.wgmma(acc_ref, x_s, w_s.T)
+                # One product stays in flight; the previous one is done before the pipeline
+                # refills its buffers (`delay_release=1`).
+                plgpu.wgmma_wait(1)
+
             plgpu.emit_pipeline(
-                lambda _, x_s, w_s: plgpu.wgmma(acc_ref, x_s, w_s.T),
+                step,
                 grid=(num_k,),
                 in_specs=[
                     plgpu.BlockSpec((tm, tk), lambda kk: (mi, kk), delay_release=1),
@@ -350,7 +345,7 @@ def _mosaic_matmul(xq, sx, wq, sw, cfg: MosaicConfig, out_dtype, interpret):
     out = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-        grid=(min(_num_sms(), tiles[0] * tiles[1]),),
+        grid=(min(common.num_sms(), tiles[0] * tiles[1]),),
         grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else False,

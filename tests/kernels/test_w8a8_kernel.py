@@ -79,7 +79,7 @@ def test_mosaic_interpret_matches_reference(name):
 def test_mosaic_persistent_blocks_cover_every_tile(monkeypatch):
     """Fewer blocks than tiles: each block walks several tiles in snake order (as on a GPU
     whose SMs are fewer than the tiles); every output tile is written once, none is missed."""
-    monkeypatch.setattr(w8a8, "_num_sms", lambda: 2)
+    monkeypatch.setattr(common, "num_sms", lambda: 2)
     x = jax.random.normal(jax.random.key(0), (192, 128))
     w = jax.random.normal(jax.random.key(1), (128, 96))
     xq, sx = w8a8.quantize_rows(x, jnp.int8)
