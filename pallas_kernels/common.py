@@ -76,6 +76,17 @@ def num_sms() -> int:
     return 132
 
 
+def require_hopper_for_mosaic(interpret: bool) -> None:
+    """Raise when a Mosaic GPU config would run on a GPU that is not a Hopper (`wgmma` is sm_90
+    only). Interpreting, or lowering on a machine without a GPU, is always allowed."""
+    cc = None if interpret else gpu_compute_capability()
+    if cc is not None and cc[0] != 9:
+        raise ValueError(
+            f"a MosaicConfig runs Hopper `wgmma` (compute capability 9.x); this GPU is "
+            f"{cc[0]}.{cc[1]}. Use the kernel's TuningConfig (Triton) instead."
+        )
+
+
 def gpu_capability(backend=None, compute_capability=None, *, need=(8, 0)):
     """`(major, minor)` when `backend` (default: the current one) is an NVIDIA GPU of compute
     capability `compute_capability` (default: the first device's) at least `need`; else None.

@@ -358,6 +358,7 @@ def matmul(
     m = x2.shape[0]
     cfg = config or default_config(m, w.n_padded, w.num_groups)
     if isinstance(cfg, MosaicConfig):
+        common.require_hopper_for_mosaic(interpret)
         y = _mosaic_matmul(x2, w, cfg, out_dtype, interpret)
         return y.reshape(*lead, w.n)
     if w.n_padded % cfg.block_n:

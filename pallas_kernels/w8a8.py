@@ -222,6 +222,7 @@ def matmul(
                 f"and one scale block along K; got w_k_major={w_k_major}, {kb} scale blocks. "
                 "Use a TuningConfig (Triton) for 1x128 block scales."
             )
+        common.require_hopper_for_mosaic(interpret)
         return _mosaic_matmul(xq, sx[:, 0], wq, sw[0], cfg, out_dtype, interpret)
     if w_k_major:  # Triton reads either layout; [K, N] keeps the block loads row-major
         wq = wq.T

@@ -92,6 +92,14 @@ def test_mosaic_persistent_blocks_cover_every_tile(monkeypatch):
     assert _rel(y, w8a8.reference(xq, sx, wq, sw, out_dtype=jnp.float32)) < 1e-5
 
 
+def test_mosaic_config_on_a_gpu_that_is_not_a_hopper_is_refused(monkeypatch):
+    monkeypatch.setattr(common, "gpu_compute_capability", lambda: (8, 0))
+    xq, wq = jnp.zeros((64, 128), jnp.int8), jnp.zeros((64, 128), jnp.int8)
+    with pytest.raises(ValueError, match="Hopper"):
+        w8a8.matmul(xq, jnp.ones((64, 1)), wq, jnp.ones((1, 64)), config=w8a8.MosaicConfig(),
+                    w_k_major=True)  # fmt: skip
+
+
 def test_triton_reads_a_k_major_weight():
     x = jax.random.normal(jax.random.key(0), (20, 256))
     w = jax.random.normal(jax.random.key(1), (256, 96))
