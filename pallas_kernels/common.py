@@ -76,6 +76,29 @@ def num_sms() -> int:
     return 132
 
 
+def check_mosaic_config(cfg, **extra: bool) -> None:
+    """Validate the tile fields every Mosaic GPU config shares (`tile_m`, `tile_n`,
+    `max_concurrent_steps`, `grid_tile_width`) and the kernel's own `extra` checks
+    (name -> holds); raise a ValueError naming the first that fails."""
+    checks = {
+        "tile_m": cfg.tile_m % 64 == 0 and cfg.tile_m > 0,  # the wgmma M
+        "tile_n": cfg.tile_n % 8 == 0 and 0 < cfg.tile_n <= 256,
+        # the accumulator lives in one warpgroup's registers: tile_m * tile_n / 128 each
+        "tile_m * tile_n": cfg.tile_m * cfg.tile_n <= 128 * 128,
+        "max_concurrent_steps": cfg.max_concurrent_steps >= 2,
+        "grid_tile_width": cfg.grid_tile_width >= 1,
+        **extra,
+    }
+    for name, ok in checks.items():
+        if not ok:
+            raise ValueError(
+                f"{type(cfg).__name__}.{name} is invalid in {cfg}: tile_m a multiple of 64, "
+                "tile_n a multiple of 8 up to 256, tile_m * tile_n at most 128 * 128 "
+                "(registers), tile_k (where set) a multiple of 64, max_concurrent_steps >= 2, "
+                "grid_tile_width >= 1"
+            )
+
+
 def require_hopper_for_mosaic(interpret: bool) -> None:
     """Raise when a Mosaic GPU config would run on a GPU that is not a Hopper (`wgmma` is sm_90
     only). Interpreting, or lowering on a machine without a GPU, is always allowed."""

@@ -90,22 +90,7 @@ class MosaicConfig:
     grid_tile_width: int = 4
 
     def __post_init__(self):
-        checks = {
-            "tile_m": self.tile_m % 64 == 0 and self.tile_m > 0,
-            "tile_n": self.tile_n % 8 == 0 and 0 < self.tile_n <= 256,
-            "tile_k": self.tile_k % 64 == 0 and self.tile_k > 0,
-            "max_concurrent_steps": self.max_concurrent_steps >= 2,
-            "grid_tile_width": self.grid_tile_width >= 1,
-            # the accumulator lives in one warpgroup's registers: tile_m * tile_n / 128 each
-            "tile_m * tile_n": self.tile_m * self.tile_n <= 128 * 128,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(
-                    f"MosaicConfig.{name} is invalid in {self}: tile_m a multiple of 64, tile_n "
-                    "a multiple of 8 up to 256, tile_m * tile_n at most 128 * 128 (registers), "
-                    "tile_k a multiple of 64, max_concurrent_steps >= 2, grid_tile_width >= 1"
-                )
+        common.check_mosaic_config(self, tile_k=self.tile_k % 64 == 0 and self.tile_k > 0)
 
 
 def default_config(m: int) -> TuningConfig:
