@@ -107,6 +107,17 @@ class MosaicConfig:
       tile_n: columns per output tile, a multiple of 8 up to 256 that divides the padded N.
       max_concurrent_steps: pipeline depth (TMA loads in flight), at least 2.
       grid_tile_width: width of the snake order over output tiles (L2 reuse of operands).
+
+    Example (the Mosaic GPU interpreter on a CPU; on an H100, interpret=False):
+      >>> import jax, jax.numpy as jnp, jqtz
+      >>> from pallas_kernels import w4a16
+      >>> spec = jqtz.QuantSpec(format="int4", granularity="group", group_size=128)
+      >>> w = w4a16.prepare(jqtz.quantize(jax.random.normal(jax.random.key(0), (256, 128)), spec))
+      >>> x = jax.random.normal(jax.random.key(1), (64, 256), jnp.bfloat16)
+      >>> y = w4a16.matmul(x, w, config=w4a16.MosaicConfig(), interpret=True)
+      >>> ref = w4a16.reference(x, w)
+      >>> bool(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref) < 1e-2)
+      True
     """
 
     tile_m: int = 64

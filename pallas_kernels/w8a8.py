@@ -81,6 +81,18 @@ class MosaicConfig:
       tile_k: K per pipeline step, a multiple of 64.
       max_concurrent_steps: pipeline depth (TMA loads in flight), at least 2.
       grid_tile_width: width of the snake order over output tiles (L2 reuse of operands).
+
+    Example (the Mosaic GPU interpreter on a CPU; on an H100, interpret=False):
+      >>> import jax, jax.numpy as jnp
+      >>> from pallas_kernels import w8a8
+      >>> xq, sx = w8a8.quantize_rows(jax.random.normal(jax.random.key(0), (64, 256)), jnp.int8)
+      >>> wq, sw = w8a8.quantize_cols(jax.random.normal(jax.random.key(1), (256, 128)), jnp.int8)
+      >>> wt = w8a8.to_k_major(wq)  # once, at load time
+      >>> y = w8a8.matmul(xq, sx, wt, sw, config=w8a8.MosaicConfig(tile_m=64), w_k_major=True,
+      ...                 interpret=True)
+      >>> ref = w8a8.reference(xq, sx, wq, sw)
+      >>> bool(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref) < 1e-2)
+      True
     """
 
     tile_m: int = 128
