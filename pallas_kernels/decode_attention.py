@@ -80,8 +80,10 @@ class Pages:
     Attributes:
       codes: ``(P, page, Hkv, Dc)``: int8; float8_e4m3fn; uint8 holding two unsigned 4-bit
         codes along ``D`` (``Dc = D / 2``, low nibble = even channel); or float (unquantized).
-      scale: ``(P, page, Hkv)`` one per token (``per_channel=False``), ``(P, Hkv, D)`` one per
-        channel and page (``per_channel=True``), or None for ``kind="float"``.
+      scale: ``(P, page, Hkv)`` one per token (``per_channel=False``), or ``(P, page, Hkv, G)``
+        one per token and group of ``D / G`` channels (as llama.cpp's ``q8_0`` cache, ``G = D /
+        32``); ``(P, Hkv, D)`` one per channel and page (``per_channel=True``); or None for
+        ``kind="float"``.
       offset: same shape as ``scale`` for int4 (``x ~ code * scale + offset``), else None.
       kind: ``"int8"``, ``"fp8"``, ``"int4"`` or ``"float"`` (static).
       per_channel: whether ``scale`` is per channel (static; KIVI keys).
@@ -100,6 +102,13 @@ class Pages:
     @property
     def head_dim(self) -> int:
         return self.codes.shape[-1] * (2 if self.kind == "int4" else 1)
+
+    @property
+    def groups(self) -> int:
+        """Channel groups of the per-token scales (1: one scale for the whole head)."""
+        if self.scale is None or self.per_channel or self.scale.ndim == 3:
+            return 1
+        return self.scale.shape[-1]
 
     def check(self, name: str) -> None:
         """Raises ValueError naming ``name`` when shapes, dtypes and ``kind`` disagree."""
@@ -120,6 +129,15 @@ class Pages:
             want = (p, hkv, d)
         else:
             want = (p, page, hkv)
+            if self.scale is not None and self.scale.ndim == 4:
+                ng = self.scale.shape[-1]
+                gs = d // ng if ng and d % ng == 0 else 0
+                if not gs or (self.kind == "int4" and gs % 2):
+                    raise ValueError(
+                        f"`{name}.scale` {self.scale.shape}: {ng} channel groups must divide the "
+                        f"head dimension {d} (into groups of an even size for int4)"
+                    )
+                want = (p, page, hkv, ng)
         got = None if self.scale is None else self.scale.shape
         if got != want:
             raise ValueError(f"`{name}.scale` must have shape {want}, got {got}")
@@ -174,8 +192,20 @@ def _row_parts(ref, page_index, d: int, packed: bool):
     return [ref[page_index, :].astype(jnp.float32)[None, :]]
 
 
+def _group_slices(d: int, groups: int, packed: bool):
+    """Per channel group: the ``(start, size)`` of each of its parts in the kernel's channel
+    order (packed int4: all even channels, then all odd ones), and of its code bytes."""
+    gs = d // groups
+    if packed:
+        return [
+            ([(gi * gs // 2, gs // 2), (d // 2 + gi * gs // 2, gs // 2)], (gi * gs // 2, gs // 2))
+            for gi in range(groups)
+        ]
+    return [([(gi * gs, gs)], (gi * gs, gs)) for gi in range(groups)]
+
+
 def _kernel(*refs, layout, page, pages_per_split, head_dim, compute_dtype, precision):
-    k_kind, k_channel, k_off, v_kind, v_off = layout
+    k_kind, k_channel, k_off, v_kind, v_off, k_groups, v_groups = layout
     refs = list(refs)
     lengths_ref, tables_ref, q_ref, kc_ref = refs[:4]
     del refs[:4]
@@ -186,15 +216,18 @@ def _kernel(*refs, layout, page, pages_per_split, head_dim, compute_dtype, preci
     vo_ref = refs.pop(0) if v_off else None
     o_ref, m_ref, l_ref = refs
     k_packed, v_packed = k_kind == "int4", v_kind == "int4"
+    k_token_scales = k_kind != "float" and not k_channel
     d = head_dim
 
     length = lengths_ref[0]
     first = pl.program_id(2) * pages_per_split
     n = jnp.clip(pl.cdiv(length, page) - first, 0, pages_per_split)
-    halves = [pl.ds(0, d // 2), pl.ds(d // 2, d // 2)]
-    q_parts = [q_ref[:, h] for h in halves] if k_packed else [q_ref[...]]
-    q_sum = sum(jnp.sum(qp.astype(jnp.float32), axis=1) for qp in q_parts)  # (bh,)
-    bh = q_parts[0].shape[0]
+    k_slices = _group_slices(d, k_groups, k_packed)
+    v_slices = _group_slices(d, v_groups, v_packed)
+    # The query's parts per key group, and their sums (for int4 key offsets).
+    q_groups = [[q_ref[:, pl.ds(st, sz)] for st, sz in parts] for parts, _ in k_slices]
+    q_sums = [sum(jnp.sum(qp.astype(jnp.float32), axis=1) for qp in qg) for qg in q_groups]
+    bh = q_groups[0][0].shape[0]
 
     def dot(a, b, contract_b):  # a (bh, c) with b (page, c) or (c, page) -> float32
         return jax.lax.dot_general(
@@ -205,23 +238,29 @@ def _kernel(*refs, layout, page, pages_per_split, head_dim, compute_dtype, preci
             preferred_element_type=jnp.float32,
         )
 
+    def token_row(ref, p, gi):  # one scale/offset per token of page p, group gi: (1, page)
+        return ref[p, :, gi].astype(jnp.float32)[None, :]
+
     def body(i, carry):
         acc, m_prev, l_prev = carry
         p = tables_ref[i]
-        # Scores (bh, page).
-        k_parts = _channel_parts(kc_ref[p, :, :], k_packed)
-        if k_channel:  # dequantize with this page's scale row, then one product per part
-            scales = _row_parts(ks_ref, p, d, k_packed)
-            offs = _row_parts(ko_ref, p, d, k_packed) if k_off else [0.0] * len(scales)
-            k_parts = [
-                kp.astype(jnp.float32) * s + o
-                for kp, s, o in zip(k_parts, scales, offs, strict=True)
-            ]
-        s = sum(dot(qp, kp, 1) for qp, kp in zip(q_parts, k_parts, strict=True))
-        if k_kind != "float" and not k_channel:  # per token: scale the scores
-            s = s * ks_ref[p, :].astype(jnp.float32)[None, :]
-            if k_off:
-                s = s + q_sum[:, None] * ko_ref[p, :].astype(jnp.float32)[None, :]
+        # Scores (bh, page), one product per key channel group and part.
+        s = 0.0
+        for gi, (_, (bst, bsz)) in enumerate(k_slices):
+            k_parts = _channel_parts(kc_ref[p, :, pl.ds(bst, bsz)], k_packed)
+            if k_channel:  # dequantize with this page's scale row (one group: the whole head)
+                scales = _row_parts(ks_ref, p, d, k_packed)
+                offs = _row_parts(ko_ref, p, d, k_packed) if k_off else [0.0] * len(scales)
+                k_parts = [
+                    kp.astype(jnp.float32) * sc + o
+                    for kp, sc, o in zip(k_parts, scales, offs, strict=True)
+                ]
+            sg = sum(dot(qp, kp, 1) for qp, kp in zip(q_groups[gi], k_parts, strict=True))
+            if k_token_scales:  # per token (and group): scale the group's scores
+                sg = sg * token_row(ks_ref, p, gi)
+                if k_off:
+                    sg = sg + q_sums[gi][:, None] * token_row(ko_ref, p, gi)
+            s = s + sg
         pos = (first + i) * page + jax.lax.broadcasted_iota(jnp.int32, (bh, page), 1)
         s = jnp.where(pos < length, s, MASK_VALUE)
         # Online softmax.
@@ -229,30 +268,29 @@ def _kernel(*refs, layout, page, pages_per_split, head_dim, compute_dtype, preci
         correction = jnp.exp(m_prev - m_next)
         probs = jnp.exp(s - m_next[:, None])
         l_next = l_prev * correction + jnp.sum(probs, axis=1)
-        # Values: per-token scales fold into the probabilities, offsets into one extra term.
-        probs_v = probs
-        if v_kind != "float":
-            probs_v = probs * vs_ref[p, :].astype(jnp.float32)[None, :]
-        v_parts = _channel_parts(vc_ref[p, :, :], v_packed)
-        outs = [dot(probs_v, vp, 0) for vp in v_parts]
-        if v_off:
-            bias = jnp.sum(probs * vo_ref[p, :].astype(jnp.float32)[None, :], axis=1)
-            outs = [o + bias[:, None] for o in outs]
+        # Values: per-token (and group) scales fold into the probabilities, offsets into one
+        # extra term per group.
+        outs = []
+        for gi, (_, (bst, bsz)) in enumerate(v_slices):
+            probs_v = probs if v_kind == "float" else probs * token_row(vs_ref, p, gi)
+            v_parts = _channel_parts(vc_ref[p, :, pl.ds(bst, bsz)], v_packed)
+            og = [dot(probs_v, vp, 0) for vp in v_parts]
+            if v_off:
+                bias = jnp.sum(probs * token_row(vo_ref, p, gi), axis=1)
+                og = [o + bias[:, None] for o in og]
+            outs += og
         acc = [a * correction[:, None] + o for a, o in zip(acc, outs, strict=True)]
         return acc, m_next, l_next
 
-    n_parts = 2 if v_packed else 1
+    out_slices = [sl for parts, _ in v_slices for sl in parts]
     init = (
-        [jnp.zeros((bh, d // n_parts), jnp.float32) for _ in range(n_parts)],
+        [jnp.zeros((bh, sz), jnp.float32) for _, sz in out_slices],
         jnp.full((bh,), MASK_VALUE, jnp.float32),
         jnp.zeros((bh,), jnp.float32),
     )
     acc, m, total = jax.lax.fori_loop(0, n, body, init)
-    if v_packed:
-        for h, a in zip(halves, acc, strict=True):
-            o_ref[:, h] = a
-    else:
-        o_ref[...] = acc[0]
+    for (st, sz), a in zip(out_slices, acc, strict=True):
+        o_ref[:, pl.ds(st, sz)] = a
     m_ref[...] = m
     l_ref[...] = total
 
@@ -362,8 +400,10 @@ def decode_attention(
         qs = _deinterleave(qs)
     qs = common.pad_axis(qs.reshape(b, hkv, g, d), 2, bh)
 
-    layout = (k.kind, k.per_channel, k.offset is not None, v.kind, v.offset is not None)
-    per_token = lambda: pl.BlockSpec((n_pages, page, None), lambda i, j, s: (0, 0, j))
+    layout = (k.kind, k.per_channel, k.offset is not None, v.kind, v.offset is not None,
+              k.groups, v.groups)  # fmt: skip
+    per_token = lambda ng: pl.BlockSpec((n_pages, page, None, ng), lambda i, j, s: (0, 0, j, 0))
+    grouped = lambda a: a if a.ndim == 4 else a[..., None]  # (P, page, Hkv, G): a free reshape
     per_channel = lambda: pl.BlockSpec((n_pages, None, d), lambda i, j, s: (0, j, 0))
     codes_spec = lambda c: pl.BlockSpec((n_pages, page, None, c.shape[-1]),
                                         lambda i, j, s: (0, 0, j, 0))  # fmt: skip
@@ -376,14 +416,14 @@ def decode_attention(
     ]
     for arr in (k.scale, k.offset):
         if arr is not None:
-            args.append(arr)
-            specs.append(per_channel() if k.per_channel else per_token())
+            args.append(arr if k.per_channel else grouped(arr))
+            specs.append(per_channel() if k.per_channel else per_token(k.groups))
     args.append(v.codes)
     specs.append(codes_spec(v.codes))
     for arr in (v.scale, v.offset):
         if arr is not None:
-            args.append(arr)
-            specs.append(per_token())
+            args.append(grouped(arr))
+            specs.append(per_token(v.groups))
     precision = jax.lax.Precision.HIGHEST if compute == np.dtype(jnp.float32) else None
     o, m, sums = pl.pallas_call(
         functools.partial(
@@ -422,8 +462,9 @@ def decode_attention(
 def contiguous_tables(codes, scale, offset, kind, *, page: int, per_channel: bool = False):
     """:class:`Pages` and ``block_tables`` for a contiguous cache ``codes (B, S, Hkv, Dc)``.
 
-    ``scale``/``offset``: ``(B, S, Hkv)`` per token, or ``(B, S / page, Hkv, D)`` per channel
-    (one row per page). Reshapes only (no copy); ``S`` must be a multiple of ``page``.
+    ``scale``/``offset``: ``(B, S, Hkv)`` per token, ``(B, S, Hkv, G)`` per token and channel
+    group, or ``(B, S / page, Hkv, D)`` per channel (one row per page). Reshapes only (no copy);
+    ``S`` must be a multiple of ``page``.
     """
     b, s, hkv, dc = codes.shape
     if s % page:
@@ -435,7 +476,7 @@ def contiguous_tables(codes, scale, offset, kind, *, page: int, per_channel: boo
             return None
         if per_channel:
             return x.reshape(b * n, hkv, x.shape[-1])
-        return x.reshape(b * n, page, hkv)
+        return x.reshape(b * n, page, hkv, *x.shape[3:])
 
     pages = Pages(codes.reshape(b * n, page, hkv, dc), paged(scale), paged(offset), kind,
                   per_channel)  # fmt: skip
@@ -443,24 +484,30 @@ def contiguous_tables(codes, scale, offset, kind, *, page: int, per_channel: boo
     return pages, tables
 
 
-def quantize_tokens(x, kind: str):
+def quantize_tokens(x, kind: str, group_size: int | None = None):
     """Per-token codes of ``x (B, S, Hkv, D)``: ``(codes, scale, offset, kind)`` for
-    :func:`contiguous_tables` (int8, fp8 symmetric; int4 asymmetric with offsets). For tests and
-    benchmarks; jqtz's cache quantizes the same way when tokens are appended."""
+    :func:`contiguous_tables` (int8, fp8 symmetric; int4 asymmetric with offsets), one scale per
+    token, or per token and group of ``group_size`` channels (scales ``(B, S, Hkv, D /
+    group_size)``). For tests and benchmarks; jqtz's cache quantizes the same way when tokens
+    are appended."""
     x = x.astype(jnp.float32)
     if kind == "float":
         return x, None, None, kind
+    d = x.shape[-1]
+    xg = x.reshape(*x.shape[:-1], -1, group_size or d)  # (..., G, group)
+    squeeze = (lambda a: a[..., 0]) if group_size is None else (lambda a: a)
     if kind == "int4":
-        lo, hi = x.min(axis=-1), x.max(axis=-1)
+        lo, hi = xg.min(axis=-1), xg.max(axis=-1)
         scale = jnp.maximum((hi - lo) / 15, 1e-8)
-        codes = jnp.clip(jnp.round((x - lo[..., None]) / scale[..., None]), 0, 15).astype(jnp.uint8)
+        codes = jnp.clip(jnp.round((xg - lo[..., None]) / scale[..., None]), 0, 15)
+        codes = codes.astype(jnp.uint8).reshape(x.shape)
         packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
-        return packed, scale, lo, kind
+        return packed, squeeze(scale), squeeze(lo), kind
     qmax = 127.0 if kind == "int8" else 448.0
-    scale = jnp.maximum(jnp.abs(x).max(axis=-1) / qmax, 1e-8)
-    v = jnp.clip(x / scale[..., None], -qmax, qmax)
+    scale = jnp.maximum(jnp.abs(xg).max(axis=-1) / qmax, 1e-8)
+    v = jnp.clip(xg / scale[..., None], -qmax, qmax).reshape(x.shape)
     codes = jnp.round(v).astype(jnp.int8) if kind == "int8" else v.astype(jnp.float8_e4m3fn)
-    return codes, scale, None, kind
+    return codes, squeeze(scale), None, kind
 
 
 def dequantize(pages: Pages) -> jax.Array:
@@ -474,12 +521,14 @@ def dequantize(pages: Pages) -> jax.Array:
         return x
     if pages.per_channel:
         expand = lambda a: a.astype(jnp.float32)[:, None]  # (P, 1, Hkv, D)
-    else:
-        expand = lambda a: a.astype(jnp.float32)[..., None]  # (P, page, Hkv, 1)
+    else:  # (P, page, Hkv, G, 1) against the channels in G groups
+        ng = pages.groups
+        x = x.reshape(*x.shape[:-1], ng, -1)
+        expand = lambda a: a.astype(jnp.float32).reshape(*x.shape[:-1], 1)
     x = x * expand(pages.scale)
     if pages.offset is not None:
         x = x + expand(pages.offset)
-    return x
+    return x.reshape(*x.shape[:3], -1)
 
 
 def reference(q, k: Pages, v: Pages, lengths, block_tables):
@@ -510,7 +559,8 @@ def can_use(q, k: Pages, v: Pages, *, backend: str | None = None, compute_capabi
 
     Needs an NVIDIA GPU with compute capability >= 8.0 (8.9 for fp8 codes), ``q (B, H, D)``
     bf16/f16/f32 with ``D`` a power of two >= 16 (>= 32 for int4), pages of a power-of-two
-    number of tokens >= 16, at most 64 query heads per KV head and per-token value scales.
+    number of tokens >= 16, at most 64 query heads per KV head and per-token value scales;
+    channel groups of per-token scales of a power-of-two size >= 16 (>= 32 for int4).
     """
     cc = common.gpu_capability(backend, compute_capability)
     if cc is None:
@@ -522,6 +572,12 @@ def can_use(q, k: Pages, v: Pages, *, backend: str | None = None, compute_capabi
     d, page = q.shape[-1], k.codes.shape[1]
     min_d = 32 if "int4" in (k.kind, v.kind) else 16
     g = q.shape[1] // k.codes.shape[2]
+    for pages in (k, v):  # channel groups: power-of-two products of >= 16 channels per part
+        gs = d // pages.groups
+        if pages.groups > 1 and not (
+            common.is_pow2(gs) and gs >= (32 if pages.kind == "int4" else 16)
+        ):
+            return False
     return common.is_pow2(d) and d >= min_d and common.is_pow2(page) and page >= 16 and g <= 64
 
 

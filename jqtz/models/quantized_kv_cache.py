@@ -489,8 +489,6 @@ class QuantizedKVCache:
         if q.ndim != 4 or q.shape[1] != 1 or not pallas_kernels_enabled():
             return "xla"
         pages = self._kernel_pages()
-        if pages is None:
-            return "xla"
         from pallas_kernels import decode_attention as da
 
         ok = da.can_use(q[:, 0], *pages[:2], backend=backend, compute_capability=compute_capability)
@@ -498,29 +496,23 @@ class QuantizedKVCache:
 
     def _kernel_pages(self):
         """``(k Pages, v Pages, block_tables)`` viewing the store as kernel pages (reshapes
-        and a bitcast, no copy), or None for layouts the kernel does not read (channel groups
-        of per-token scales)."""
+        and a bitcast, no copy). Per-token scales keep their channel groups, ``(B, S, Hkv,
+        G)``; the kernel's ``can_use`` says whether it reads that group size."""
         from pallas_kernels import decode_attention as da
 
-        spec, d = self.spec, self.head_dim
-        kb, vb = spec.blocks(d)
-        if vb != (1, d) or (spec.key_granularity == "token" and kb != (1, d)):
-            return None
+        spec = self.spec
         channel = spec.key_granularity == "channel"
         capacity = self.max_len
         page = spec.group_size if channel else math.gcd(capacity, _CAPACITY_ALIGN)
         codes = lambda c: (
             jax.lax.bitcast_convert_type(c, jnp.float8_e4m3fn) if spec.kind == "fp8" else c
         )  # fmt: skip
-        token = lambda a: None if a is None else a[..., 0]  # (B, S, Hkv, 1) -> (B, S, Hkv)
-        k_scale, k_offset = (self.k_scale, self.k_offset)
-        if not channel:
-            k_scale, k_offset = token(k_scale), token(k_offset)
         k, tables = da.contiguous_tables(
-            codes(self.k_codes), k_scale, k_offset, spec.kind, page=page, per_channel=channel
-        )
+            codes(self.k_codes), self.k_scale, self.k_offset, spec.kind, page=page,
+            per_channel=channel,
+        )  # fmt: skip
         v, _ = da.contiguous_tables(
-            codes(self.v_codes), token(self.v_scale), token(self.v_offset), spec.kind, page=page
+            codes(self.v_codes), self.v_scale, self.v_offset, spec.kind, page=page
         )
         return k, v, tables
 

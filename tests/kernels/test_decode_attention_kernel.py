@@ -27,16 +27,17 @@ def _kivi_keys(x, page):
     return codes[..., 0::2] | (codes[..., 1::2] << 4), scale, lo
 
 
-def make(kind, *, b=2, s=128, hkv=2, d=64, page=32, seed=0, kivi=False):
-    """Random keys/values quantized per token (or KIVI keys), as contiguous pages."""
+def make(kind, *, b=2, s=128, hkv=2, d=64, page=32, seed=0, kivi=False, groups=(None, None)):
+    """Random keys/values quantized per token (or KIVI keys), as contiguous pages; `groups`:
+    channels per key and per value scale (None: the whole head)."""
     kv = jax.random.normal(jax.random.key(seed), (2, b, s, hkv, d))
     if kivi:
         k, tables = da.contiguous_tables(
             *_kivi_keys(kv[0], page), "int4", page=page, per_channel=True
         )
     else:
-        k, tables = da.contiguous_tables(*da.quantize_tokens(kv[0], kind), page=page)
-    v, _ = da.contiguous_tables(*da.quantize_tokens(kv[1], kind), page=page)
+        k, tables = da.contiguous_tables(*da.quantize_tokens(kv[0], kind, groups[0]), page=page)
+    v, _ = da.contiguous_tables(*da.quantize_tokens(kv[1], kind, groups[1]), page=page)
     return k, v, tables, kv
 
 
@@ -67,6 +68,38 @@ def test_interpret_matches_reference(name):
     # float32 throughout (products with precision HIGHEST): only the summation order differs.
     assert _max_err(out, ref) < 2e-5
     assert _max_err(lse, ref_lse) < 2e-5
+
+
+# name: (kind, KIVI keys, channels per key scale, channels per value scale)
+GROUP_CASES = {
+    "int8_k32_v16": ("int8", False, 32, 16),
+    "fp8_k16_v64": ("fp8", False, 16, None),
+    "int4_k32_v32": ("int4", False, 32, 32),
+    "int4_kivi_v32": ("int4", True, None, 32),
+}
+
+
+@pytest.mark.parametrize("name", list(GROUP_CASES))
+def test_channel_groups_match_reference(name):
+    """Per-token scales over groups of channels (llama.cpp's q8_0/q4_0 cache layout): one
+    product per group, scaled by the group's per-token scale."""
+    kind, kivi, kg, vg = GROUP_CASES[name]
+    k, v, tables, kv = make(kind, kivi=kivi, groups=(kg, vg))
+    assert k.groups == (1 if kg is None else 64 // kg) and v.groups == (
+        1 if vg is None else 64 // vg
+    )
+    q = jax.random.normal(jax.random.key(3), (2, 8, 64))
+    lengths = jnp.array([128, 45], jnp.int32)
+    out, lse = da.decode_attention(q, k, v, lengths, tables, interpret=True)
+    ref, ref_lse = da.reference(q, k, v, lengths, tables)
+    assert _max_err(out, ref) < 2e-5 and _max_err(lse, ref_lse) < 2e-5
+    # The grouped codes round-trip: finer groups than the whole head, no larger error.
+    for pages, x, g in ((k, kv[0], kg), (v, kv[1], vg)):
+        if g is None:
+            continue
+        err = jnp.abs(da.dequantize(pages).reshape(x.shape) - x).max()
+        whole, _ = da.contiguous_tables(*da.quantize_tokens(x, kind), page=32)
+        assert err <= jnp.abs(da.dequantize(whole).reshape(x.shape) - x).max()
 
 
 @pytest.mark.parametrize("splits", [1, 3, 16])
@@ -151,6 +184,15 @@ def test_lowers_for_cuda(kind, kivi, q_dtype):
     assert common.TRITON_CUSTOM_CALL in text
 
 
+def test_channel_groups_lower_for_cuda():
+    k, v, tables, _ = make("int4", groups=(32, 64))
+    q = jnp.ones((2, 8, 64), jnp.bfloat16)
+    text = common.lower_for_cuda(
+        lambda *a: da.decode_attention(*a), q, k, v, jnp.array([5, 9]), tables
+    )
+    assert common.TRITON_CUSTOM_CALL in text
+
+
 def test_can_use():
     k, v, _, _ = make("int8")
     q = jnp.ones((2, 8, 64), jnp.bfloat16)
@@ -165,6 +207,12 @@ def test_can_use():
     assert not da.can_use(jnp.ones((2, 8, 8), jnp.bfloat16), small, sv, **h100)
     odd, ov, _, _ = make("int8", s=96, page=12 * 8)  # 96-token pages: not a power of two
     assert not da.can_use(q, odd, ov, **h100)
+    gk, gv, _, _ = make("int8", groups=(16, 32))
+    assert da.can_use(q, gk, gv, **h100)
+    gk, gv, _, _ = make("int8", groups=(8, None))  # 8-channel groups: below a tensor-core tile
+    assert not da.can_use(q, gk, gv, **h100)
+    gk, gv, _, _ = make("int4", groups=(16, None))  # int4: 8 channels per part
+    assert not da.can_use(q, gk, gv, **h100)
 
 
 def test_bad_input_names_the_argument():
@@ -203,8 +251,22 @@ def _filled_cache(kind, length, **options):
 
 @pytest.mark.parametrize(
     "kind, length, options",
-    [("int8", 70, {}), ("fp8", 1, {}), ("int4", 100, dict(residual=32)), ("int4", 20, {})],
-    ids=["int8", "fp8_one_token", "int4_window", "int4_window_only"],
+    [
+        ("int8", 70, {}),
+        ("fp8", 1, {}),
+        ("int4", 100, dict(residual=32)),
+        ("int4", 20, {}),
+        ("int8", 90, dict(key_group_size=32, value_group_size=16)),
+        ("int4", 100, dict(residual=32, value_group_size=32)),
+    ],
+    ids=[
+        "int8",
+        "fp8_one_token",
+        "int4_window",
+        "int4_window_only",
+        "int8_channel_groups",
+        "int4_kivi_value_groups",
+    ],
 )
 def test_cache_kernel_path_matches_xla(kind, length, options):
     cache = _filled_cache(kind, length, **options)
@@ -223,6 +285,8 @@ def test_cache_chooses_kernel_only_where_it_applies():
     assert cache.attention_path(q4, **h100) == "xla"  # prefill: several tokens
     assert cache.attention_path(q1) == "xla"  # this machine: CPU
     grouped = _filled_cache("int8", 10, value_group_size=32)  # channel groups per token
-    assert grouped.attention_path(q1, **h100) == "xla"
+    assert grouped.attention_path(q1, **h100) == "kernel"
+    narrow = _filled_cache("int8", 10, key_group_size=8)  # 8 channels: too few for the kernel
+    assert narrow.attention_path(q1, **h100) == "xla"
     # On the CPU, attend is the XLA path.
     np.testing.assert_array_equal(cache.attend(q1), cache._attend_xla(q1))
