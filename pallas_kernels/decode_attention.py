@@ -596,11 +596,11 @@ def tune_candidates(batch: int, hkv: int, pages: int) -> list[TuningConfig]:
 
 def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), batch=8, heads=32,
               kv_heads=8, head_dim=128, page=64):  # fmt: skip
-    """Time the kernel over int8, fp8 and int4 caches (int4 per token, and KIVI per-channel
-    keys) and over bf16 pages, against XLA attention over a bf16 cache; with `tune`, sweep
-    `tune_candidates` at the middle context (the three fastest per cache kind at the others).
-    `smoke`: tiny shapes in the interpreter. Returns one dict per case for
-    `pallas_kernels.bench`."""
+    """Time the kernel over int8, fp8 and int4 caches (int4 per token, KIVI per-channel keys,
+    and int8 with per-token scales over 32-channel groups) and over bf16 pages, against XLA
+    attention over a bf16 cache; with `tune`, sweep `tune_candidates` at the middle context
+    (the three fastest per cache kind at the others). `smoke`: tiny shapes in the interpreter.
+    Returns one dict per case for `pallas_kernels.bench`."""
     interpret = smoke
     iters = 1 if smoke else 20
     b, h, hkv, d = (2, 8, 2, 64) if smoke else (batch, heads, kv_heads, head_dim)
@@ -625,14 +625,15 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), batch=8
 
         t_xla = common.time_per_call(xla, [(qs[i], kv[0], kv[1]) for i in range(calls)],
                                      iters=iters)  # fmt: skip
-        for name in ("float", "int8", "fp8", "int4", "int4-kivi"):
+        for name in ("float", "int8", "fp8", "int4", "int4-kivi", "int8-g32"):
             kind = name.split("-")[0]
+            group = 32 if name.endswith("-g32") else None  # llama.cpp q8_0-style scales
             if name == "int4-kivi":
                 k, tables = contiguous_tables(*_kivi_keys(kv[0], page), page=page,
                                               per_channel=True)  # fmt: skip
             else:
-                k, tables = contiguous_tables(*quantize_tokens(kv[0], kind), page=page)
-            v, _ = contiguous_tables(*quantize_tokens(kv[1], kind), page=page)
+                k, tables = contiguous_tables(*quantize_tokens(kv[0], kind, group), page=page)
+            v, _ = contiguous_tables(*quantize_tokens(kv[1], kind, group), page=page)
             if kind == "float":
                 k = dataclasses.replace(k, codes=k.codes.astype(jnp.bfloat16))
                 v = dataclasses.replace(v, codes=v.codes.astype(jnp.bfloat16))

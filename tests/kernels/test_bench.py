@@ -22,7 +22,8 @@ def test_smoke_run_writes_every_output(tmp_path):
     records = json.loads((tmp_path / "results.json").read_text())
     kernels = {r["kernel"] for r in records}
     assert {"w4a16", "w8a8 int8", "w8a8 fp8", "w8a8 fp8-b128"} <= kernels
-    assert {f"decode {k}" for k in ("float", "int8", "fp8", "int4", "int4-kivi")} <= kernels
+    decode = ("float", "int8", "fp8", "int4", "int4-kivi", "int8-g32")
+    assert {f"decode {k}" for k in decode} <= kernels
     for r in records:
         assert 0 < r["rel_err"] <= bench.ERROR_BOUND, r
         assert r["us"] > 0 and r["baseline_us"] > 0
