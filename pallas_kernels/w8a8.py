@@ -13,8 +13,8 @@ Activations are quantized by XLA before the call (`quantize_rows`, per token, sy
 XLA can fuse into the producer of `x`).
 
 Two lowerings, chosen by the config's type:
-- `TuningConfig`: Pallas Triton (the default). Reads the weight `[K, N]` as flax stores it (or
-  `[N, K]`), all scale layouts above.
+- `TuningConfig`: Pallas Triton (the default). Reads the weight `[K, N]` as flax stores it,
+  or `[N, K]` (`w_k_major`) in place, with all scale layouts above.
 - `MosaicConfig`: Pallas Mosaic GPU, Hopper only: a TMA pipeline feeding `wgmma` from shared
   memory, scales in the epilogue. 8-bit `wgmma` reads B K-major only, so the weight must be the
   `[N, K]` copy `to_k_major` makes once at load time; per-token/per-channel (or per-tensor)
@@ -154,15 +154,18 @@ def quantize_cols(w: jax.Array, dtype, block: int | None = None):
     return codes, jnp.repeat(scale[:, 0, :, 0], block, axis=1)
 
 
-def _kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, num_k, k_per_scale, acc_dtype):
+def _kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, num_k, k_per_scale, acc_dtype, k_major):
     bm, bn = o_ref.shape
     bk = x_ref.shape[1] // num_k if num_k else 0
     per_block = k_per_scale > 0  # scales change along K: apply them every step
+    w_axis = 1 if k_major else 0  # the weight block's K axis: [bn, K] or [K, bn]
 
     def body(ki, acc):
         xq = x_ref[:, pl.ds(ki * bk, bk)]
-        wq = w_ref[pl.ds(ki * bk, bk), :]
-        part = jnp.dot(xq, wq, preferred_element_type=acc_dtype).astype(jnp.float32)
+        wq = w_ref[:, pl.ds(ki * bk, bk)] if k_major else w_ref[pl.ds(ki * bk, bk), :]
+        part = jax.lax.dot_general(
+            xq, wq, (((1,), (w_axis,)), ((), ())), preferred_element_type=acc_dtype
+        ).astype(jnp.float32)
         if per_block:
             kb = ki // k_per_scale
             part = part * sx_ref[:, pl.ds(kb, 1)] * sw_ref[pl.ds(kb, 1), :]
@@ -221,8 +224,6 @@ def matmul(
             )
         common.require_hopper_for_mosaic(interpret)
         return _mosaic_matmul(xq, sx[:, 0], wq, sw[0], cfg, out_dtype, interpret)
-    if w_k_major:  # Triton reads either layout; [K, N] keeps the block loads row-major
-        wq = wq.T
     bk = min(cfg.block_k, max(16, 1 << (k - 1).bit_length())) if kb == 1 else 128
     mp, np_, kp = (
         common.round_up(m, cfg.block_m),
@@ -230,19 +231,29 @@ def matmul(
         common.round_up(k, bk),
     )
     xq = common.pad_axis(common.pad_axis(xq, 1, kp), 0, mp)
-    wq = common.pad_axis(common.pad_axis(wq, 0, kp), 1, np_)
+    k_axis, n_axis = (1, 0) if w_k_major else (0, 1)
+    wq = common.pad_axis(common.pad_axis(wq, k_axis, kp), n_axis, np_)
     sx = common.pad_axis(sx, 0, mp, 1.0)
     sw = common.pad_axis(sw, 1, np_, 1.0)
     acc_dtype = jnp.int32 if xq.dtype == jnp.int8 else jnp.float32
+    w_spec = (
+        pl.BlockSpec((cfg.block_n, kp), lambda i, j: (j, 0))
+        if w_k_major
+        else pl.BlockSpec((kp, cfg.block_n), lambda i, j: (0, j))
+    )
     out = pl.pallas_call(
         functools.partial(
-            _kernel, num_k=kp // bk, k_per_scale=(128 // bk if kb > 1 else 0), acc_dtype=acc_dtype
+            _kernel,
+            num_k=kp // bk,
+            k_per_scale=(128 // bk if kb > 1 else 0),
+            acc_dtype=acc_dtype,
+            k_major=w_k_major,
         ),
         grid=(mp // cfg.block_m, np_ // cfg.block_n),
         in_specs=[
             pl.BlockSpec((cfg.block_m, kp), lambda i, j: (i, 0)),
             pl.BlockSpec((cfg.block_m, kb), lambda i, j: (i, 0)),
-            pl.BlockSpec((kp, cfg.block_n), lambda i, j: (0, j)),
+            w_spec,
             pl.BlockSpec((kb, cfg.block_n), lambda i, j: (0, j)),
         ],
         out_specs=pl.BlockSpec((cfg.block_m, cfg.block_n), lambda i, j: (i, j)),

@@ -100,15 +100,22 @@ def test_mosaic_config_on_a_gpu_that_is_not_a_hopper_is_refused(monkeypatch):
                     w_k_major=True)  # fmt: skip
 
 
-def test_triton_reads_a_k_major_weight():
+@pytest.mark.parametrize(
+    "dtype, block, n", [(jnp.int8, None, 200), (FP8, 128, 256)], ids=["int8_n200", "fp8_b128"]
+)
+def test_triton_reads_a_k_major_weight(dtype, block, n):
+    """One K-major weight serves both lowerings: Triton reads `[N, K]` blocks in place."""
     x = jax.random.normal(jax.random.key(0), (20, 256))
-    w = jax.random.normal(jax.random.key(1), (256, 96))
-    xq, sx = w8a8.quantize_rows(x, jnp.int8)
-    wq, sw = w8a8.quantize_cols(w, jnp.int8)
+    w = jax.random.normal(jax.random.key(1), (256, n))
+    xq, sx = w8a8.quantize_rows(x, dtype, block)
+    wq, sw = w8a8.quantize_cols(w, dtype, block)
     y = w8a8.matmul(
         xq, sx, w8a8.to_k_major(wq), sw, w_k_major=True, out_dtype=jnp.float32, interpret=True
     )
     assert _rel(y, w8a8.reference(xq, sx, wq, sw, out_dtype=jnp.float32)) < 1e-5
+    args = (xq, sx, w8a8.to_k_major(wq), sw)
+    text = common.lower_for_cuda(lambda *a: w8a8.matmul(*a, w_k_major=True), *args)
+    assert common.TRITON_CUSTOM_CALL in text and "transpose" not in text.split("custom_call")[0]
 
 
 def test_per_tensor_scales():
