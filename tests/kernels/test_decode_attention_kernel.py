@@ -229,6 +229,14 @@ def test_bad_input_names_the_argument():
         da.decode_attention(q, bad, v, jnp.array([1, 1]), tables, interpret=True)
     with pytest.raises(ValueError, match=r"`v\.codes`"):
         da.decode_attention(q, k, dataclasses.replace(v, kind="fp8"), jnp.array([1, 1]), tables)
+    three = dataclasses.replace(k, scale=jnp.ones((*k.scale.shape, 3)))  # 3 groups of D = 64
+    with pytest.raises(ValueError, match=r"`k\.scale`.*3 channel groups must divide"):
+        da.decode_attention(q, three, v, jnp.array([1, 1]), tables, interpret=True)
+    i4k, i4v, i4t, _ = make("int4")
+    odd = dataclasses.replace(i4k, scale=jnp.ones((*i4k.scale.shape, 64)),
+                              offset=jnp.ones((*i4k.offset.shape, 64)))  # fmt: skip
+    with pytest.raises(ValueError, match="even size for int4"):  # groups of one channel
+        da.decode_attention(q, odd, i4v, jnp.array([1, 1]), i4t, interpret=True)
     with pytest.raises(ValueError, match="num_splits"):
         da.TuningConfig(num_splits=0)
     with pytest.raises(ValueError, match="multiple of `page`"):

@@ -127,6 +127,13 @@ def test_mosaic_persistent_blocks_cover_every_tile(monkeypatch):
     assert _rel(y, w4a16.reference(x, pw)) < 8e-3
 
 
+def test_mosaic_config_on_a_gpu_that_is_not_a_hopper_is_refused(monkeypatch):
+    monkeypatch.setattr(common, "gpu_compute_capability", lambda: (8, 9))
+    pw = w4a16.prepare(_qweight(128, 128))
+    with pytest.raises(ValueError, match="Hopper"):
+        w4a16.matmul(jnp.ones((64, 128), jnp.bfloat16), pw, config=w4a16.MosaicConfig())
+
+
 def test_mosaic_rejects_weights_it_does_not_cover():
     x = jnp.ones((64, 128), jnp.bfloat16)
     cfg = w4a16.MosaicConfig()
