@@ -14,6 +14,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 #: Custom-call target that the Pallas Triton lowering emits (checked by the lowering tests).
 TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
@@ -97,6 +98,30 @@ def check_mosaic_config(cfg, **extra: bool) -> None:
                 "(registers), tile_k (where set) a multiple of 64, max_concurrent_steps >= 2, "
                 "grid_tile_width >= 1"
             )
+
+
+def persistent_mosaic_kernel(body, out_type, num_tiles: int, *, interpret: bool, name: str):
+    """A Mosaic GPU kernel (warpgroup semantics) of `min(SMs, num_tiles)` blocks on the grid
+    axis "sm"; `body` walks the output tiles with `plgpu.nd_loop(..., collective_axes="sm")`.
+    `interpret` runs the Mosaic GPU interpreter instead of compiling."""
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        grid=(min(num_sms(), num_tiles),),
+        grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+        kernel_name=name,
+    )
+
+
+def store_tile(tile, o_smem, o_gmem) -> None:
+    """Write a register tile to the global-memory window `o_gmem` through shared memory `o_smem`
+    with TMA, and wait until the copy has read `o_smem` (so the buffer can be reused)."""
+    o_smem[...] = tile.astype(o_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def require_hopper_for_mosaic(interpret: bool) -> None:

@@ -457,13 +457,10 @@ def _mosaic_kernel(x_g, w_g, s_g, *refs, cfg, tiles_mn, num_k, tile_k, qgroup, h
             plgpu.SMEM((2, tile_k, tn), dtype),
         )
 
-        def epilogue(o_s):
-            o_s[...] = acc.astype(o_s.dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_s, o_g.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-        pl.run_scoped(epilogue, plgpu.SMEM((tm, tn), o_g.dtype))
+        pl.run_scoped(
+            lambda o_s: common.store_tile(acc, o_s, o_g.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)]),
+            plgpu.SMEM((tm, tn), o_g.dtype),
+        )
 
 
 def _mosaic_matmul(x2, w: PackedWeight, cfg: MosaicConfig, out_dtype, interpret):
@@ -495,14 +492,12 @@ def _mosaic_matmul(x2, w: PackedWeight, cfg: MosaicConfig, out_dtype, interpret)
         dtype=x2.dtype,
     )
     args = [x2, codes, w.scale] + ([w.zero] if w.zero is not None else [])
-    out = plgpu.kernel(
+    out = common.persistent_mosaic_kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((mp, w.n_padded), out_dtype),
-        grid=(min(common.num_sms(), tiles[0] * tiles[1]),),
-        grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else False,
-        kernel_name=f"w4a16_mgpu_g{w.qgroup}",
+        jax.ShapeDtypeStruct((mp, w.n_padded), out_dtype),
+        tiles[0] * tiles[1],
+        interpret=interpret,
+        name=f"w4a16_mgpu_g{w.qgroup}",
     )(*args)
     return out[:m, : w.n]
 

@@ -315,10 +315,7 @@ def _mosaic_kernel(x_g, w_g, sx_g, sw_g, o_g, *, cfg: MosaicConfig, tiles_mn, nu
             y = acc.astype(jnp.float32)
             y = y * jax.lax.broadcast_in_dim(rows, (tm, tn), [0])
             y = y * jax.lax.broadcast_in_dim(cols, (tm, tn), [1])
-            o_s[...] = y.astype(o_s.dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_s, o_g.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            common.store_tile(y, o_s, o_g.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
 
         pl.run_scoped(
             epilogue,
@@ -351,14 +348,12 @@ def _mosaic_matmul(xq, sx, wq, sw, cfg: MosaicConfig, out_dtype, interpret):
         num_k=kp // cfg.tile_k,
         acc_dtype=jnp.int32 if xq.dtype == jnp.int8 else jnp.float32,
     )
-    out = plgpu.kernel(
+    out = common.persistent_mosaic_kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-        grid=(min(common.num_sms(), tiles[0] * tiles[1]),),
-        grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else False,
-        kernel_name=f"w8a8_mgpu_{np.dtype(xq.dtype).name}",
+        jax.ShapeDtypeStruct((mp, np_), out_dtype),
+        tiles[0] * tiles[1],
+        interpret=interpret,
+        name=f"w8a8_mgpu_{np.dtype(xq.dtype).name}",
     )(xq, wq, sx, sw)
     return out[:m, :n]
 
