@@ -32,6 +32,17 @@ of pages and writes its unnormalised output with the running max and sum; XLA me
 result comes with its log-sum-exp, so attention over a further set of keys (jqtz's
 full-precision residual window) merges in exactly.
 
+**Two lowerings**, chosen by the config's type:
+
+- :class:`TuningConfig`: Pallas Triton (the default), every kind and scale layout above.
+- :class:`MosaicConfig`: Pallas Mosaic GPU, Hopper only: TMA loads of whole pages through a
+  ring of barriers, 8-bit codes widened to 16 bits in shared memory, both products on
+  ``wgmma`` (the ``G`` query heads padded to its 64 rows). int8, fp8 and 16-bit pages with one
+  scale per token and head; int4 and channel groups stay on Triton. The per-token scales are
+  transposed per call (1/D of the codes' bytes), since one head's scales of a page are strided
+  in ``(P, page, Hkv)`` and a TMA row needs 16 contiguous bytes. The benchmark sweeps both;
+  jqtz's cache keeps Triton until an H100 run shows which is faster (docs/kernels.md).
+
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from pallas_kernels import decode_attention as da
@@ -56,6 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import common
@@ -167,7 +179,47 @@ class TuningConfig:
             raise ValueError(f"TuningConfig.num_splits must be >= 1, got {self.num_splits}")
 
 
-def _splits(cfg: TuningConfig, batch: int, hkv: int, pages: int) -> int:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MosaicConfig:
+    """Launch parameters of the Mosaic GPU path (Hopper ``wgmma``; static under jit).
+
+    Selecting it runs the attention through Mosaic GPU instead of Triton, for int8, fp8 and
+    16-bit pages with one scale per token and head (:func:`mosaic_unsupported` says what else it
+    needs); int4 pages and channel-grouped scales stay on the Triton kernel.
+
+    Attributes:
+      num_splits: programs per (sequence, KV head) along the sequence, as in
+        :class:`TuningConfig`.
+      max_concurrent_steps: pages whose TMA loads are in flight per program, at least 2.
+
+    Example (the Mosaic GPU interpreter on a CPU; on an H100, interpret=False):
+      >>> import jax, jax.numpy as jnp
+      >>> from pallas_kernels import decode_attention as da
+      >>> q = jax.random.normal(jax.random.key(0), (2, 8, 64), jnp.bfloat16)
+      >>> kv = jax.random.normal(jax.random.key(1), (2, 2, 128, 2, 64))
+      >>> k, tables = da.contiguous_tables(*da.quantize_tokens(kv[0], "int8"), page=64)
+      >>> v, _ = da.contiguous_tables(*da.quantize_tokens(kv[1], "int8"), page=64)
+      >>> lengths = jnp.array([100, 7])
+      >>> out, _ = da.decode_attention(q, k, v, lengths, tables, config=da.MosaicConfig(),
+      ...                              interpret=True)
+      >>> ref, _ = da.reference(q, k, v, lengths, tables)
+      >>> bool(jnp.abs(out.astype(float) - ref.astype(float)).max() < 2e-2)
+      True
+    """
+
+    num_splits: int | None = None
+    max_concurrent_steps: int = 2
+
+    def __post_init__(self):
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"MosaicConfig.num_splits must be >= 1, got {self.num_splits}")
+        if self.max_concurrent_steps < 2:
+            raise ValueError(
+                f"MosaicConfig.max_concurrent_steps must be >= 2, got {self.max_concurrent_steps}"
+            )
+
+
+def _splits(cfg: TuningConfig | MosaicConfig, batch: int, hkv: int, pages: int) -> int:
     if cfg.num_splits is not None:
         return min(cfg.num_splits, pages)
     return max(1, min(pages, common.cdiv(2 * 132, batch * hkv)))
@@ -332,6 +384,243 @@ def _finish(o, m, sums):
     return out, lse
 
 
+# -- the Mosaic GPU kernel -------------------------------------------------------------------
+#: Query rows per program on the Mosaic GPU path: the ``wgmma`` M (the ``G`` heads of a KV head,
+#: zero-padded).
+_MOSAIC_ROWS = 64
+
+
+#: Shared memory of one H100 block (opt-in maximum).
+_MOSAIC_SMEM_BYTES = 232_448
+
+
+def _mosaic_smem_bytes(q, k: Pages, v: Pages, steps: int) -> int:
+    """Shared memory of the Mosaic GPU kernel's pipeline phase (the output store reuses it)."""
+    d, page = q.shape[-1], k.codes.shape[1]
+    half = np.dtype(q.dtype).itemsize
+    total = _MOSAIC_ROWS * d * half + _MOSAIC_ROWS * page * half  # queries, probabilities
+    for pages in (k, v):
+        total += steps * page * d * np.dtype(pages.codes.dtype).itemsize  # the TMA stages
+        if pages.scale is not None:
+            total += steps * page * np.dtype(pages.scale.dtype).itemsize + page * d * half
+    return total + 4096  # barriers and alignment (about 2 KiB measured), rounded up
+
+
+def mosaic_unsupported(q, k: Pages, v: Pages) -> str | None:
+    """Why :class:`MosaicConfig` cannot run these operands (None: it can).
+
+    The Mosaic GPU path needs bf16/f16 queries, int8, fp8 or 16-bit pages of the query's dtype
+    with one scale per token and head (no channel groups), a head dimension that is a multiple
+    of 64 up to 256, pages of 64, 128 or 256 tokens whose two-step pipeline fits in shared
+    memory (int8 pages of 128 tokens with D = 128 do; 256 tokens with D = 128 do not), and at
+    most 64 query heads per KV head.
+    """
+    d, page = q.shape[-1], k.codes.shape[1]
+    g = q.shape[1] // k.codes.shape[2]
+    if np.dtype(q.dtype) not in _Q_DTYPES[:2]:
+        return f"queries must be bf16 or f16, got {q.dtype}"
+    for name, pages in (("k", k), ("v", v)):
+        if pages.kind == "int4" or pages.per_channel or pages.groups > 1:
+            return f"`{name}` must be int8, fp8 or float pages with one scale per token and head"
+        if pages.kind == "float" and pages.codes.dtype != q.dtype:
+            return f"`{name}` float pages must have the query's dtype {q.dtype}"
+    if d % 64 or d > 256:
+        return f"the head dimension must be a multiple of 64 up to 256, got {d}"
+    if page not in (64, 128, 256):
+        return f"pages must hold 64, 128 or 256 tokens, got {page}"
+    if g > _MOSAIC_ROWS:
+        return f"at most {_MOSAIC_ROWS} query heads per KV head, got {g}"
+    if (smem := _mosaic_smem_bytes(q, k, v, 2)) > _MOSAIC_SMEM_BYTES:
+        return (f"pages of {page} tokens x {d} channels need {smem} bytes of shared memory "
+                f"with two pipeline steps; a block has {_MOSAIC_SMEM_BYTES}")  # fmt: skip
+    return None
+
+
+def _mosaic_kernel(lengths_g, tables_g, q_g, kc_g, *refs, layout, page, pps, hkv, d, steps):
+    """One warpgroup per (sequence, KV head, split). Each step waits for one page of key and
+    value codes and scales, widens 8-bit codes to 16 bits in shared memory (exact), refills the
+    slot with the page ``steps`` ahead (TMA), and runs the two products on ``wgmma``: scores
+    ``q k^T`` (64 x page), scaled by the key scales in float32, and, after the online softmax,
+    ``p v`` (64 x D) with the value scales folded into ``p``, as the Triton kernel does.
+    Programs past the sequence's length load nothing."""
+    k_quant, v_quant = layout
+    refs = list(refs)
+    ks_g = refs.pop(0) if k_quant else None
+    vc_g = refs.pop(0)
+    vs_g = refs.pop(0) if v_quant else None
+    o_g, m_g, l_g = refs
+    dtype = q_g.dtype
+    rows = _MOSAIC_ROWS
+    b, j, split = (jax.lax.axis_index(a) for a in ("b", "h", "s"))
+    length = lengths_g[b]
+    first = split * pps
+    n = jnp.clip(pl.cdiv(length, page) - first, 0, pps)
+    col = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA tile
+
+    def main(q_s, q_bar, stage, bars, k16, v16, p_s):
+        kc_s, ks_s, vc_s, vs_s = stage
+
+        def fetch(i, slot):  # page i of this program's run into slot `slot`
+            p = tables_g[b, first + i]
+            tile = (pl.ds(p * page, page), pl.ds(j * d, d))
+            plgpu.copy_gmem_to_smem(kc_g.at[tile], kc_s.at[slot], bars.at[slot])
+            plgpu.copy_gmem_to_smem(vc_g.at[tile], vc_s.at[slot], bars.at[slot])
+            for sc_g, sc_s in ((ks_g, ks_s), (vs_g, vs_s)):
+                if sc_g is not None:
+                    plgpu.copy_gmem_to_smem(sc_g.at[p * hkv + j], sc_s.at[slot], bars.at[slot])
+
+        plgpu.copy_gmem_to_smem(q_g.at[b, j], q_s, q_bar)
+        for i in range(steps):
+            pl.when(i < n)(functools.partial(fetch, i, i))
+        plgpu.barrier_wait(q_bar)
+
+        def widen(c_s, slot, out):  # 8-bit codes -> 16 bits, exact
+            c = plgpu.load(c_s.at[slot], layout=plgpu.Layout.WGMMA)
+            if c.dtype == jnp.float8_e4m3fn and dtype == jnp.bfloat16:  # sm_90: e4m3 -> f16 only
+                c = c.astype(jnp.float32)
+            out[...] = c.astype(dtype)
+
+        def scale_row(sc_s, slot, shape):  # per-token scales along the columns of a tile
+            sc = plgpu.load(sc_s.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+            return jax.lax.broadcast_in_dim(sc.astype(jnp.float32), shape, [1])
+
+        def product(a, b_, shape):
+            def run(acc_ref):
+                plgpu.wgmma(acc_ref, a, b_)
+                plgpu.wgmma_wait(0)
+                return acc_ref[...]
+
+            return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+        def body(i, carry):
+            acc, m_prev, l_prev = carry
+            slot = jax.lax.rem(i, steps)
+            plgpu.barrier_wait(bars.at[slot])
+            keys = kc_s.at[slot] if not k_quant else k16
+            values = vc_s.at[slot] if not v_quant else v16
+            if k_quant:
+                widen(kc_s, slot, k16)
+                k_scale = scale_row(ks_s, slot, (rows, page))
+            if v_quant:
+                widen(vc_s, slot, v16)
+                v_scale = scale_row(vs_s, slot, (rows, page))
+            plgpu.commit_smem()
+            s = product(q_s, keys.T, (rows, page))
+            if k_quant:  # per-token key scales multiply the scores
+                s = s * k_scale
+            if k_quant and v_quant:  # the slot's codes are in registers: refill it now
+                pl.when(i + steps < n)(functools.partial(fetch, i + steps, slot))
+            pos = (first + i) * page + plgpu.broadcasted_iota(
+                jnp.int32, (rows, page), 1, layout=plgpu.Layout.WGMMA
+            )
+            s = jnp.where(pos < length, s, MASK_VALUE)
+            m_next = jnp.maximum(m_prev, s.max(axis=1))
+            correction = jnp.exp(m_prev - m_next)
+            probs = jnp.exp(s - jax.lax.broadcast_in_dim(m_next, s.shape, [0]))
+            l_next = l_prev * correction + probs.sum(axis=1)
+            # per-token value scales fold into the probabilities
+            p_s[...] = (probs * v_scale if v_quant else probs).astype(dtype)
+            plgpu.commit_smem()
+            pv = product(p_s, values, (rows, d))
+            if not (k_quant and v_quant):  # a 16-bit slot was read by wgmma: refill after it
+                pl.when(i + steps < n)(functools.partial(fetch, i + steps, slot))
+            acc = acc * jax.lax.broadcast_in_dim(correction, acc.shape, [0]) + pv
+            return acc, m_next, l_next
+
+        init = (
+            plgpu.layout_cast(jnp.zeros((rows, d), jnp.float32), plgpu.Layout.WGMMA),
+            plgpu.layout_cast(jnp.full((rows,), MASK_VALUE, jnp.float32), col),
+            plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), col),
+        )
+        return jax.lax.fori_loop(0, n, body, init)
+
+    stage = (
+        plgpu.SMEM((steps, page, d), kc_g.dtype),
+        plgpu.SMEM((steps, page), ks_g.dtype) if k_quant else None,
+        plgpu.SMEM((steps, page, d), vc_g.dtype),
+        plgpu.SMEM((steps, page), vs_g.dtype) if v_quant else None,
+    )
+    arrivals = 2 + k_quant + v_quant
+    acc, m, total = pl.run_scoped(
+        main,
+        plgpu.SMEM((rows, d), dtype),
+        plgpu.Barrier(num_barriers=1),
+        stage,
+        plgpu.Barrier(num_arrivals=arrivals, num_barriers=steps),
+        plgpu.SMEM((page, d), dtype) if k_quant else None,
+        plgpu.SMEM((page, d), dtype) if v_quant else None,
+        plgpu.SMEM((rows, page), dtype),
+    )
+
+    def store(o_s, ml_s):  # the pipeline's buffers are free again: reuse their space
+        o_s[...] = acc
+        ml_s[0] = m
+        ml_s[1] = total
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_s, o_g.at[b, j, split])
+        plgpu.copy_smem_to_gmem(ml_s.at[0], m_g.at[b, j, split])
+        plgpu.copy_smem_to_gmem(ml_s.at[1], l_g.at[b, j, split])
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(store, plgpu.SMEM((rows, d), jnp.float32), plgpu.SMEM((2, rows), jnp.float32))
+
+
+def _mosaic_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: MosaicConfig, interpret):
+    """The Mosaic GPU path: per-program partial outputs ``(B, Hkv, splits, 64, D)`` and their
+    running max and sum, merged like the Triton kernel's."""
+    reason = mosaic_unsupported(q, k, v)
+    if reason:
+        raise ValueError(
+            f"decode_attention with a MosaicConfig: {reason}. Use a TuningConfig (Triton) for "
+            "these pages."
+        )
+    common.require_hopper_for_mosaic(interpret)
+    b, h, d = q.shape
+    n_pages, page, hkv, _ = k.codes.shape
+    g, rows = h // hkv, _MOSAIC_ROWS
+    splits = _splits(cfg, b, hkv, block_tables.shape[1])
+    pps = common.cdiv(block_tables.shape[1], splits)
+    steps = min(cfg.max_concurrent_steps, pps)
+    smem = _mosaic_smem_bytes(q, k, v, steps)
+    if smem > _MOSAIC_SMEM_BYTES:
+        raise ValueError(
+            f"MosaicConfig.max_concurrent_steps={cfg.max_concurrent_steps} needs {smem} bytes of "
+            f"shared memory for pages of {page} tokens x {d} channels; an H100 block has "
+            f"{_MOSAIC_SMEM_BYTES}. Use fewer steps (at least 2)."
+        )
+    tables = common.pad_axis(block_tables.astype(jnp.int32), 1, splits * pps)
+    qs = (q.astype(jnp.float32) * d**-0.5).astype(q.dtype)
+    qs = common.pad_axis(qs.reshape(b, hkv, g, d), 2, rows)
+    # Codes as 2-D (tokens, heads x D) for TMA tiles; per-token scales transposed so one KV
+    # head's scales of a page are contiguous (a TMA row needs >= 16 bytes): a copy of 1/D of
+    # the codes' size per call.
+    codes = lambda c: c.reshape(n_pages * page, hkv * d)
+    scales = lambda sc: jnp.swapaxes(sc, 1, 2).reshape(n_pages * hkv, page)
+    args = [lengths.astype(jnp.int32), tables, qs, codes(k.codes)]
+    args += [scales(k.scale)] if k.scale is not None else []
+    args += [codes(v.codes)] + ([scales(v.scale)] if v.scale is not None else [])
+    body = functools.partial(
+        _mosaic_kernel,
+        layout=(k.scale is not None, v.scale is not None),
+        page=page,
+        pps=pps,
+        hkv=hkv,
+        d=d,
+        steps=steps,
+    )
+    partial = lambda *shape: jax.ShapeDtypeStruct((b, hkv, splits, *shape), jnp.float32)
+    o, m, sums = plgpu.kernel(
+        body,
+        out_type=[partial(rows, d), partial(rows), partial(rows)],
+        grid=(b, hkv, splits),
+        grid_names=("b", "h", "s"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+        kernel_name=f"decode_attention_mgpu_{k.kind}",
+    )(*args)
+    return _finish(o, m, sums)
+
+
 def _check_inputs(q, k: Pages, v: Pages, lengths, block_tables):
     if q.ndim != 3 or np.dtype(q.dtype) not in _Q_DTYPES:
         raise ValueError(f"`q` must be (B, H, D) bf16, f16 or f32, got {q.shape} {q.dtype}")
@@ -376,7 +665,8 @@ def decode_attention(
         the table read page 0, as an overfull ``KVCache`` would read clamped slots).
       block_tables: int32 ``(B, pages_per_seq)``: page ``j`` of sequence ``b`` is
         ``block_tables[b, j]``; entries past ``ceil(lengths[b] / page)`` are not read.
-      config: a :class:`TuningConfig`; default: :class:`TuningConfig()`.
+      config: a :class:`TuningConfig` (Triton; the default :class:`TuningConfig()`) or a
+        :class:`MosaicConfig` (Mosaic GPU, Hopper; int8/fp8/16-bit pages with per-token scales).
       interpret: run the Pallas interpreter (CPU) instead of compiling for the GPU.
 
     Returns:
@@ -385,6 +675,11 @@ def decode_attention(
     """
     _check_inputs(q, k, v, lengths, block_tables)
     cfg = config or TuningConfig()
+    if isinstance(cfg, MosaicConfig):
+        out, lse = _mosaic_attention(q, k, v, lengths, block_tables, cfg, interpret)
+        b, h, d = q.shape
+        g = h // k.codes.shape[2]
+        return out[:, :, :g].reshape(b, h, d).astype(q.dtype), lse[:, :, :g].reshape(b, h)
     b, h, d = q.shape
     n_pages, page, hkv, _ = k.codes.shape
     g = h // hkv
@@ -582,16 +877,19 @@ def can_use(q, k: Pages, v: Pages, *, backend: str | None = None, compute_capabi
 
 
 # -- benchmark -------------------------------------------------------------------------------
-def tune_candidates(batch: int, hkv: int, pages: int) -> list[TuningConfig]:
-    """Configs `--tune` tries (the default first): split counts around the default's, and
-    launch parameters."""
+def tune_candidates(batch: int, hkv: int, pages: int) -> list[TuningConfig | MosaicConfig]:
+    """Configs `--tune` tries (the default first, the Mosaic GPU default second, so a spent
+    time budget still compares the two lowerings): split counts around the default's, Triton
+    launch parameters, and Mosaic GPU pipeline depths. The benchmark drops Mosaic GPU configs
+    for pages that path does not read (:func:`mosaic_unsupported`)."""
     auto = _splits(TuningConfig(), batch, hkv, pages)
     splits = sorted({max(1, auto // 2), auto, 2 * auto, 4 * auto} & set(range(1, pages + 1)))
-    out = [TuningConfig()]
+    out = [TuningConfig(), MosaicConfig()]
     for sp in splits:
         for warps, stages in ((4, 2), (4, 3), (8, 2)):
             out.append(TuningConfig(num_splits=sp, num_warps=warps, num_stages=stages))
-    return out
+        out += [MosaicConfig(num_splits=sp, max_concurrent_steps=st) for st in (2, 4)]
+    return list(dict.fromkeys(out))
 
 
 def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), batch=8, heads=32,
@@ -604,7 +902,7 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), batch=8
     interpret = smoke
     iters = 1 if smoke else 20
     b, h, hkv, d = (2, 8, 2, 64) if smoke else (batch, heads, kv_heads, head_dim)
-    page = 32 if smoke else page
+    page = 64 if smoke else page  # 64: the smallest page the Mosaic GPU path reads
     contexts = (128,) if smoke else (16384, 8192, 32768)
     bw = common.measure_copy_bandwidth(1 << 20 if smoke else 1 << 30)
     report(f"decode attention B={b} H={h} Hkv={hkv} D={d} page={page}; copy {bw / 1e9:.0f} GB/s")
@@ -648,6 +946,8 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), batch=8
             cands = []
             if tune:
                 cands = tune_candidates(b, hkv, tables.shape[1])
+                if mosaic_unsupported(qs[0], k, v):
+                    cands = [c for c in cands if not isinstance(c, MosaicConfig)]
                 cands = cands[:3] if smoke else cands
                 if ci:
                     cands = winners.get(name, [])

@@ -35,6 +35,8 @@ def test_smoke_run_writes_every_output(tmp_path):
     assert all(f"## {k}" in log for k in ("w4a16", "w8a8", "decode_attention"))
     assert "rel err" in log  # the tuning sweep reported candidates
     assert log.count("MosaicConfig(") >= 3  # w4a16 and w8a8 ran Mosaic GPU in its interpreter
+    decode_log = log[log.index("## decode_attention") :]
+    assert "int8 S=128 MosaicConfig(" in decode_log  # and so did decode attention
 
 
 def test_without_gpu_exits_cleanly(capsys):

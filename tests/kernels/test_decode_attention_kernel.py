@@ -243,6 +243,128 @@ def test_bad_input_names_the_argument():
         da.contiguous_tables(k.codes.reshape(2, 128, 2, 64)[:, :100], None, None, "float", page=32)
 
 
+# -- the Mosaic GPU path ---------------------------------------------------------------------
+# name: (kind, query heads, KV heads, head dim, page, lengths, query dtype, MosaicConfig)
+MOSAIC_CASES = {
+    "int8_gqa4": ("int8", 8, 2, 64, 64, [200, 7], jnp.bfloat16, da.MosaicConfig()),
+    "fp8_gqa4_f16": ("fp8", 8, 2, 64, 64, [1, 256], jnp.float16,
+                     da.MosaicConfig(max_concurrent_steps=3)),
+    "fp8_bf16": ("fp8", 4, 4, 64, 64, [129, 64], jnp.bfloat16, da.MosaicConfig(num_splits=1)),
+    "float_mha_d128": ("float", 2, 2, 128, 64, [100, 250], jnp.bfloat16,
+                       da.MosaicConfig(num_splits=3)),
+    "int8_page128_gqa64": ("int8", 128, 2, 64, 128, [255, 0], jnp.bfloat16,
+                           da.MosaicConfig(num_splits=1)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(MOSAIC_CASES))
+def test_mosaic_interpret_matches_reference(name):
+    """The Mosaic GPU path in the Mosaic GPU interpreter (TMA pages through barriers, wgmma
+    from shared memory): a partial last page, an empty sequence, one and several splits, a
+    split with no pages, 64 query heads per KV head, f16 and bf16 queries."""
+    kind, h, hkv, d, page, lengths, dtype, cfg = MOSAIC_CASES[name]
+    k, v, tables, _ = make(kind, s=256, hkv=hkv, d=d, page=page)
+    if kind == "float":
+        k, v = (dataclasses.replace(p, codes=p.codes.astype(dtype)) for p in (k, v))
+    q = jax.random.normal(jax.random.key(9), (2, h, d), dtype)
+    lengths = jnp.array(lengths, jnp.int32)
+    out, lse = da.decode_attention(q, k, v, lengths, tables, config=cfg, interpret=True)
+    ref, ref_lse = da.reference(q, k, v, lengths, tables)
+    assert out.dtype == dtype and out.shape == (2, h, d) and lse.shape == (2, h)
+    # 16-bit queries and probabilities on the tensor cores, as the Triton kernel with 16-bit
+    # queries; 8-bit codes widen to 16 bits exactly and the scales apply in float32.
+    assert common.relative_error(out, ref) < 5e-3
+    valid = np.asarray(lengths > 0)
+    assert _max_err(lse[valid], ref_lse[valid]) < 2e-3
+    if not valid.all():  # an empty sequence: zeros and lse = MASK_VALUE, as the Triton kernel
+        assert np.all(np.asarray(out[~valid]) == 0)
+        assert np.all(np.asarray(lse[~valid]) == da.MASK_VALUE)
+
+
+def test_mosaic_agrees_with_triton_on_shuffled_pages():
+    """Pages in any order in the pool, and garbage table entries past a sequence's last page:
+    the Mosaic GPU path reads pages through the table exactly as the Triton kernel does."""
+    k, v, tables, _ = make("int8", s=256, page=64)
+    perm = jax.random.permutation(jax.random.key(3), k.codes.shape[0])
+    shuffle = lambda p: jax.tree.map(lambda a: a[perm], p)
+    k, v, tables = shuffle(k), shuffle(v), jnp.argsort(perm)[tables]
+    tables = tables.at[0, 2:].set(10_000)  # 100 tokens: pages 0 and 1 only
+    q = jax.random.normal(jax.random.key(4), (2, 8, 64), jnp.bfloat16)
+    lengths = jnp.array([100, 256], jnp.int32)
+    cfg = da.MosaicConfig(num_splits=2)
+    out, lse = da.decode_attention(q, k, v, lengths, tables, config=cfg, interpret=True)
+    tri, tri_lse = da.decode_attention(q, k, v, lengths, tables, interpret=True)
+    assert _max_err(out, tri) < 1e-2 and _max_err(lse, tri_lse) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "kind, q_dtype, page, d", [("int8", jnp.bfloat16, 64, 128), ("fp8", jnp.bfloat16, 128, 64),
+                               ("fp8", jnp.float16, 64, 256), ("float", jnp.bfloat16, 64, 128)],
+    ids=["int8", "fp8_page128", "fp8_f16_d256", "float"],
+)  # fmt: skip
+def test_mosaic_lowers_for_cuda(kind, q_dtype, page, d):
+    """Lowering runs Mosaic GPU's own checks (layouts, conversions the hardware has, shared
+    memory), so these would fail here rather than on the first H100 call."""
+    k, v, tables, _ = make(kind, s=256, d=d, page=page)
+    if kind == "float":
+        k, v = (dataclasses.replace(p, codes=p.codes.astype(q_dtype)) for p in (k, v))
+    q = jnp.ones((2, 8, d), q_dtype)
+    text = common.lower_for_cuda(
+        lambda *a: da.decode_attention(*a, config=da.MosaicConfig()), q, k, v,
+        jnp.array([5, 9]), tables,
+    )  # fmt: skip
+    assert common.MOSAIC_GPU_CUSTOM_CALL in text and common.TRITON_CUSTOM_CALL not in text
+
+
+def test_mosaic_benchmark_configs_fit_in_shared_memory():
+    """Every Mosaic GPU config the decode benchmark sweeps lowers at its shapes (B = 8, 32
+    query / 8 KV heads, D = 128, 64-token pages, 16k tokens), without a device minute."""
+    b, s, hkv, d, page = 8, 16384, 8, 128, 64
+    q = jax.ShapeDtypeStruct((b, 32, d), jnp.bfloat16)
+    tables = jax.ShapeDtypeStruct((b, s // page), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((b,), jnp.int32)
+    for kind, dtype in (("int8", jnp.int8), ("fp8", jnp.float8_e4m3fn)):
+        codes = jax.ShapeDtypeStruct((b * s // page, page, hkv, d), dtype)
+        scale = jax.ShapeDtypeStruct((b * s // page, page, hkv), jnp.float32)
+        pages = da.Pages(codes, scale, None, kind)
+        for cfg in da.tune_candidates(b, hkv, s // page):
+            if isinstance(cfg, da.MosaicConfig):
+                fn = lambda *a, cfg=cfg: da.decode_attention(*a, config=cfg)
+                common.lower_for_cuda(fn, q, pages, pages, lengths, tables)
+
+
+def test_mosaic_refuses_what_it_does_not_cover(monkeypatch):
+    q = jnp.ones((2, 8, 64), jnp.bfloat16)
+    lengths = jnp.array([5, 9])
+    cfg = da.MosaicConfig()
+    for kind, options, reason in (
+        ("int4", {}, "int8, fp8 or float pages"),
+        ("int8", dict(groups=(32, None)), "one scale per token"),
+        ("int8", dict(page=32), "64, 128 or 256 tokens"),
+        ("int8", dict(d=32), "multiple of 64"),
+    ):
+        k, v, tables, _ = make(kind, **options)
+        qq = jnp.ones((2, 8, k.head_dim), jnp.bfloat16)
+        assert da.mosaic_unsupported(qq, k, v) is not None
+        with pytest.raises(ValueError, match=f"MosaicConfig: .*{reason}.*TuningConfig"):
+            da.decode_attention(qq, k, v, lengths, tables, config=cfg, interpret=True)
+    k, v, tables, _ = make("int8", s=256, page=64)
+    assert da.mosaic_unsupported(q, k, v) is None
+    with pytest.raises(ValueError, match="bf16 or f16"):
+        da.decode_attention(q.astype(jnp.float32), k, v, lengths, tables, config=cfg)
+    big, bv, bt, _ = make("int8", s=512, d=128, page=128)  # 4 pages per sequence
+    too_deep = da.MosaicConfig(num_splits=1, max_concurrent_steps=4)  # 4 x 2 x 16 KiB stages
+    with pytest.raises(ValueError, match=r"max_concurrent_steps=4 needs .* shared memory"):
+        da.decode_attention(jnp.ones((2, 8, 128), jnp.bfloat16), big, bv, lengths, bt,
+                            config=too_deep, interpret=True)  # fmt: skip
+    for bad in (dict(num_splits=0), dict(max_concurrent_steps=1)):
+        with pytest.raises(ValueError, match="MosaicConfig"):
+            da.MosaicConfig(**bad)
+    monkeypatch.setattr(common, "gpu_compute_capability", lambda: (8, 0))  # an A100
+    with pytest.raises(ValueError, match="compute capability 9"):
+        da.decode_attention(q, k, v, lengths, tables, config=cfg)
+
+
 def test_bench_without_gpu_exits_cleanly(capsys):
     assert da.main(["--bench"]) == 0
     assert "no GPU present" in capsys.readouterr().out
