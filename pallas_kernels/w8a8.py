@@ -421,7 +421,9 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf")):
     128x128 block scales) against the bf16 XLA product; with `tune`, sweep `tune_candidates()`,
     Triton and Mosaic GPU (all on the first shape at the largest M, the three fastest
     elsewhere). The kernel's time excludes the activations' quantization; `+xq us` includes it
-    (XLA's `quantize_rows` then the kernel, as `jqtz`'s W8A8 path runs). `smoke`: tiny shapes
+    (XLA's `quantize_rows` then the kernel, as `jqtz`'s W8A8 path runs). When tuning picks a
+    Triton config, it is also timed on the K-major weight (`triton_k_major_us`): whether one
+    load-time `[N, K]` layout would serve both lowerings at no cost. `smoke`: tiny shapes
     in the interpreter. Returns one dict per case for `pallas_kernels.bench`."""
     interpret = smoke
     iters = 1 if smoke else 10
@@ -458,8 +460,9 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf")):
                 sets_t = [(*xqs[i], *ws_t[i % len(ws_t)]) for i in range(calls)] if ws_t else []
                 ref = reference(*sets[0], out_dtype=jnp.float32)
 
-                def measure(cfg, sets=sets, sets_t=sets_t, ref=ref):
-                    k_major = isinstance(cfg, MosaicConfig)
+                def measure(cfg, sets=sets, sets_t=sets_t, ref=ref, k_major=None):
+                    if k_major is None:  # Mosaic GPU needs the K-major weight; Triton takes both
+                        k_major = isinstance(cfg, MosaicConfig)
                     fn = functools.partial(
                         matmul, config=cfg, interpret=interpret, w_k_major=k_major
                     )
@@ -480,6 +483,11 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf")):
                     winners[name] = [c for _, c, _ in tried[:3]]
                 t, cfg, err = best
                 k_major = isinstance(cfg, MosaicConfig)
+                kt_us = None
+                if sets_t and not k_major:  # should jqtz store W8A8 weights K-major for Triton?
+                    kt_us = measure(cfg, k_major=True)[0] * 1e6
+                    report(f"  {name} M={m} N={n} K={k} {cfg} on the K-major weight: "
+                           f"{kt_us:.1f} us")  # fmt: skip
                 t_q = common.time_per_call(  # with the activations' quantization (XLA)
                     lambda x, wq, sw, cfg=cfg, block=block, dtype=dtype, k_major=k_major: matmul(
                         *quantize_rows(x, dtype, block), wq, sw, config=cfg, interpret=interpret,
@@ -492,7 +500,8 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf")):
                 rows.append(dict(kernel=f"w8a8 {name}", m=m, n=n, k=k, us=t * 1e6,
                                  default_us=t_base * 1e6, baseline_us=t_bf16 * 1e6,
                                  speedup=t_bf16 / t, roofline=flops / rate, rel_err=err,
-                                 config=cfg, with_quant_us=t_q * 1e6))  # fmt: skip
+                                 config=cfg, with_quant_us=t_q * 1e6,
+                                 triton_k_major_us=kt_us))  # fmt: skip
                 report(f"{name:>9} {m:5d} {n:6d} {k:6d} {t_base * 1e6:10.1f} {t * 1e6:8.1f} "
                        f"{t_bf16 * 1e6:8.1f} {t_bf16 / t:7.2f} {flops / 1e12:7.0f} "
                        f"{flops / rate:7.2f} {t_q * 1e6:8.1f} {err:8.1e}  {cfg}")  # fmt: skip
