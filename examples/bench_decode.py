@@ -7,7 +7,8 @@ generates `--new` tokens after a `--prompt`-token prompt with `jqtz.models.llama
 tokens/s (batch x new tokens / time of the whole generate call minus a prefill-only call), the
 weight bytes, and which path the matrix products and the attention took (Pallas kernel or XLA).
 Quantized cases run with jqtz's Pallas kernels on and off (`jqtz.nn.use_pallas_kernels`), so
-the XLA path on the same weights and cache is measured in the same run.
+the XLA path on the same weights and cache is measured in the same run, and the int8-cache cases
+also with the Mosaic GPU lowering preferred (`lowering="mosaic"`).
 
 On an NVIDIA GPU the W4A16 products go through `pallas_kernels.w4a16` and the int8 cache's
 attention through `pallas_kernels.decode_attention`; elsewhere everything is XLA, and the
@@ -74,11 +75,12 @@ def main(argv=None) -> int:
     w4 = jqtz.quantize_params(params, [rule])
     print(common.bench_header(f"batch {args.batch}, prompt {args.prompt}, new {args.new}"))
     print(f"{'weights':>8} {'cache':>6} {'kernels':>7} {'weight MiB':>11} {'tokens/s':>9}  paths")
-    # Each quantized case twice where a kernel could apply: Pallas kernels on, and off (the XLA
-    # path on the same weights and cache: what the kernels must beat).
-    cases = [("bf16", "bf16", True), ("w4a16", "bf16", True), ("w4a16", "bf16", False),
-             ("bf16", "int8", True), ("bf16", "int8", False), ("w4a16", "int8", True),
-             ("w4a16", "int8", False)]  # fmt: skip
+    # Each quantized case where a kernel could apply: Pallas kernels on ("on": Triton), off (the
+    # XLA path on the same weights and cache: what the kernels must beat), and for the int8
+    # cache with the Mosaic GPU lowering preferred ("mosaic": its decode attention on a Hopper
+    # GPU; the batch-1 products stay on Triton's GEMV).
+    cases = [("bf16", "bf16", "on"), ("w4a16", "bf16", "on"), ("w4a16", "bf16", "off")]
+    cases += [(w, "int8", k) for w in ("bf16", "w4a16") for k in ("on", "mosaic", "off")]
     for name, cache, kernels in cases:
         p = params if name == "bf16" else w4
         factory = {} if cache == "bf16" else {"cache_factory": quantized_cache_factory(cache)}
@@ -86,7 +88,8 @@ def main(argv=None) -> int:
         def run(n, p=p, factory=factory):
             return jax.block_until_ready(generate(model, p, prompt, n, **factory))
 
-        with jqtz.nn.use_pallas_kernels(kernels):
+        lowering = "mosaic" if kernels == "mosaic" else "triton"
+        with jqtz.nn.use_pallas_kernels(kernels != "off", lowering=lowering):
             run(1), run(args.new)  # compile both
             t0 = time.perf_counter()
             run(1)
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
             t = time.perf_counter() - t0 - t_prefill
             paths = _paths(cfg, p, factory, args.batch)
         rate = args.batch * (args.new - 1) / max(t, 1e-9)
-        print(f"{name:>8} {cache:>6} {'on' if kernels else 'off':>7} {_bytes(p) / 2**20:11.1f} "
+        print(f"{name:>8} {cache:>6} {kernels:>7} {_bytes(p) / 2**20:11.1f} "
               f"{rate:9.1f}  {paths}", flush=True)  # fmt: skip
     return 0
 

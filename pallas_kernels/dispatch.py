@@ -27,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import w4a16, w8a8
+from pallas_kernels import common, w4a16, w8a8
 
 _W8A8_CODES = {"int8": jnp.int8, "fp8_e4m3": jnp.float8_e4m3fn}
 
@@ -70,14 +70,26 @@ def _w8a8_codes(w):
     return _W8A8_CODES[w.format.name] if ok else None
 
 
-def kernel_for(x, w, *, backend: str | None = None, compute_capability=None) -> str | None:
-    """Name of the kernel `maybe_matmul(x, w)` runs ("w4a16", "w8a8"), or None for XLA."""
+def kernel_for(
+    x, w, *, backend: str | None = None, compute_capability=None, lowering: str = "triton"
+) -> str | None:
+    """Name of the kernel `maybe_matmul(x, w, lowering=lowering)` runs ("w4a16", "w8a8", or
+    "w4a16-mosaic" for the Mosaic GPU W4A16 path), or None for XLA."""
     backend = backend or jax.default_backend()
     kw = dict(backend=backend, compute_capability=compute_capability)
+    name = None
     if isinstance(w, w4a16.PackedWeight):
-        return "w4a16" if w4a16.can_use(x, w, **kw) else None
-    if w4a16.supports_qarray(w) is None and w4a16.is_aligned(w) and w4a16.can_use(x, w, **kw):
-        return "w4a16"
+        name = "w4a16" if w4a16.can_use(x, w, **kw) else None
+    elif w4a16.supports_qarray(w) is None and w4a16.is_aligned(w) and w4a16.can_use(x, w, **kw):
+        name = "w4a16"
+    if name == "w4a16":
+        cc = common.gpu_capability(**kw)
+        rows = x.size // max(x.shape[-1], 1)
+        if lowering == "mosaic" and cc is not None and cc[0] == 9 and rows > w4a16.SMALL_M:
+            packed = w if isinstance(w, w4a16.PackedWeight) else w4a16.prepare(w)  # free
+            if w4a16.mosaic_unsupported(packed) is None:
+                return "w4a16-mosaic"
+        return name
     codes = _w8a8_codes(w)
     if codes is not None and x.ndim >= 1 and jnp.issubdtype(x.dtype, jnp.floating):
         probe = jax.ShapeDtypeStruct(x.shape, codes)
@@ -86,18 +98,20 @@ def kernel_for(x, w, *, backend: str | None = None, compute_capability=None) -> 
     return None
 
 
-def maybe_matmul(x: jax.Array, w) -> jax.Array | None:
+def maybe_matmul(x: jax.Array, w, *, lowering: str = "triton") -> jax.Array | None:
     """`x [..., K] @ w [K, N]` through a kernel when one applies, else None (use XLA).
 
     Args:
       x: activations, contracted over their last axis.
       w: a `jqtz.QArray` (weight-only int4/uint4/int8/uint8, or W8A8 int8/fp8_e4m3 with
         per-channel weight and dynamic per-token activation scales) or a `w4a16.PackedWeight`.
+      lowering: "triton" (the default), or "mosaic" to run the Mosaic GPU version of the kernel
+        where it has one for these operands (W4A16 with more than 16 rows, on a Hopper GPU).
 
     Returns:
       `[..., N]` in `result_type(x.dtype, w.dtype)` (as `jqtz.nn.dot_general`), or None.
     """
-    name = kernel_for(x, w)
+    name = kernel_for(x, w, lowering=lowering)
     if name is None:
         return None
     out_dtype = jnp.result_type(x.dtype, w.dtype)
@@ -107,4 +121,5 @@ def maybe_matmul(x: jax.Array, w) -> jax.Array | None:
         y = w8a8.matmul(xq, sx, w.qvalue, w.scale_values(), out_dtype=out_dtype)
         return y.reshape(*x.shape[:-1], w.shape[1])
     packed = w if isinstance(w, w4a16.PackedWeight) else w4a16.prepare(w)
-    return w4a16.matmul(x, packed)
+    config = w4a16.MosaicConfig() if name == "w4a16-mosaic" else None
+    return w4a16.matmul(x, packed, config=config)

@@ -463,17 +463,29 @@ def _mosaic_kernel(x_g, w_g, s_g, *refs, cfg, tiles_mn, num_k, tile_k, qgroup, h
         )
 
 
-def _mosaic_matmul(x2, w: PackedWeight, cfg: MosaicConfig, out_dtype, interpret):
-    """The Mosaic GPU product of `x2 [M, K]` with a 4-bit `PackedWeight`, padded to tiles."""
-    tile_k = _mosaic_tile_k(w)
-    if w.bits != 4 or w.perm is not None or tile_k is None or w.n_padded % cfg.tile_n:
-        raise ValueError(
+def mosaic_unsupported(w: PackedWeight, cfg: MosaicConfig | None = None) -> str | None:
+    """Why `cfg` (default `MosaicConfig()`) cannot multiply by `w` (None: it can).
+
+    The Mosaic GPU path needs 4-bit codes, no act-order permutation, a group size and padded K
+    that are multiples of 64, and `tile_n` dividing the padded N.
+    """
+    cfg = cfg or MosaicConfig()
+    if w.bits != 4 or w.perm is not None or _mosaic_tile_k(w) is None or w.n_padded % cfg.tile_n:
+        return (
             "a w4a16.MosaicConfig needs 4-bit codes, no act-order permutation, a group size and "
             f"padded K that are multiples of 64, and tile_n dividing the padded N; got "
             f"bits={w.bits}, perm={'yes' if w.perm is not None else 'no'}, group={w.qgroup}, "
-            f"K padded {w.k_padded}, N padded {w.n_padded}, tile_n={cfg.tile_n}. "
-            "Use a TuningConfig (Triton) for this weight."
+            f"K padded {w.k_padded}, N padded {w.n_padded}, tile_n={cfg.tile_n}"
         )
+    return None
+
+
+def _mosaic_matmul(x2, w: PackedWeight, cfg: MosaicConfig, out_dtype, interpret):
+    """The Mosaic GPU product of `x2 [M, K]` with a 4-bit `PackedWeight`, padded to tiles."""
+    reason = mosaic_unsupported(w, cfg)
+    if reason:
+        raise ValueError(f"{reason}. Use a TuningConfig (Triton) for this weight.")
+    tile_k = _mosaic_tile_k(w)
     m = x2.shape[0]
     mp = common.round_up(m, cfg.tile_m)
     x2 = common.pad_axis(common.pad_axis(x2, 1, w.k_padded), 0, mp)

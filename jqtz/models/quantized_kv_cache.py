@@ -49,7 +49,7 @@ import numpy as np
 
 from jqtz import _packing, formats
 from jqtz.models.kv_cache import KVCache, dot_product_attention
-from jqtz.nn.ops import pallas_kernels_enabled
+from jqtz.nn.ops import pallas_kernels_enabled, pallas_lowering
 
 __all__ = [
     "KINDS",
@@ -470,13 +470,16 @@ class QuantizedKVCache:
         off: ``jqtz.nn.use_pallas_kernels``); everything else dequantizes in XLA
         (:meth:`attention_path` says which).
         """
-        if self.attention_path(q) == "kernel":
-            return self._attend_kernel(q)
+        path = self.attention_path(q)
+        if path != "xla":
+            return self._attend_kernel(q, mosaic=path == "kernel-mosaic")
         return self._attend_xla(q)
 
     def attention_path(self, q: jax.Array, *, backend=None, compute_capability=None) -> str:
         """``"kernel"`` when :meth:`attend` would use the decode-attention kernel for ``q``
-        on ``backend`` (default: the current one), else ``"xla"``.
+        on ``backend`` (default: the current one), ``"kernel-mosaic"`` for its Mosaic GPU
+        version (``jqtz.nn.use_pallas_kernels(lowering="mosaic")`` on a Hopper GPU, with
+        pages it reads), else ``"xla"``.
 
         Example:
             >>> cache = QuantizedKVCache.init(KVQuantSpec(kind="int8"), batch=1, max_len=64,
@@ -489,10 +492,20 @@ class QuantizedKVCache:
         if q.ndim != 4 or q.shape[1] != 1 or not pallas_kernels_enabled():
             return "xla"
         pages = self._kernel_pages()
+        from pallas_kernels import common
         from pallas_kernels import decode_attention as da
 
-        ok = da.can_use(q[:, 0], *pages[:2], backend=backend, compute_capability=compute_capability)
-        return "kernel" if ok else "xla"
+        kw = dict(backend=backend, compute_capability=compute_capability)
+        if not da.can_use(q[:, 0], *pages[:2], **kw):
+            return "xla"
+        hopper = common.gpu_capability(**kw)[0] == 9
+        if (
+            pallas_lowering() == "mosaic"
+            and hopper
+            and not da.mosaic_unsupported(q[:, 0], *pages[:2])
+        ):
+            return "kernel-mosaic"
+        return "kernel"
 
     def _kernel_pages(self):
         """``(k Pages, v Pages, block_tables)`` viewing the store as kernel pages (reshapes
@@ -516,15 +529,21 @@ class QuantizedKVCache:
         )
         return k, v, tables
 
-    def _attend_kernel(self, q: jax.Array, *, interpret: bool = False) -> jax.Array:
-        """Decode attention (``T = 1``): the kernel over the quantized store, merged by
-        log-sum-exp with XLA attention over the full-precision window."""
+    def _attend_kernel(
+        self, q: jax.Array, *, mosaic: bool = False, interpret: bool = False
+    ) -> jax.Array:
+        """Decode attention (``T = 1``): the kernel (Triton, or Mosaic GPU with ``mosaic``)
+        over the quantized store, merged by log-sum-exp with XLA attention over the
+        full-precision window."""
         from pallas_kernels import decode_attention as da
 
         k, v, tables = self._kernel_pages()
         b = q.shape[0]
         lengths = jnp.broadcast_to(self.flushed, (b,))
-        out, lse = da.decode_attention(q[:, 0], k, v, lengths, tables, interpret=interpret)
+        config = da.MosaicConfig() if mosaic else None
+        out, lse = da.decode_attention(
+            q[:, 0], k, v, lengths, tables, config=config, interpret=interpret
+        )
         if self.spec.window == 0:
             return out[:, None]
         # The window: slot i holds position flushed + i, valid for i < length - flushed.

@@ -76,27 +76,39 @@ def dot_general(
     return _with_quantized_activations(lhs, rhs, dimension_numbers, out_dtype, kwargs)
 
 
-def _pallas_from_env() -> bool:
+_LOWERINGS = ("triton", "mosaic")
+
+
+def _pallas_from_env() -> tuple[bool, str]:
     value = os.environ.get("JQTZ_PALLAS", "1").strip().lower()
+    if value == "mosaic":
+        return True, "mosaic"
     if value not in ("0", "1", "off", "on", "false", "true"):
         raise ValueError(
-            f"environment variable JQTZ_PALLAS={value!r}: expected 0 (Pallas kernels off) or 1 "
-            "(on, the default); also accepted: off/on, false/true"
+            f"environment variable JQTZ_PALLAS={value!r}: expected 0 (Pallas kernels off), 1 "
+            "(on, the default: Pallas Triton) or mosaic (on, Mosaic GPU where a kernel has a "
+            "Mosaic GPU path); also accepted: off/on, false/true"
         )
-    return value in ("1", "on", "true")
+    return value in ("1", "on", "true"), "triton"
 
 
-#: Whether the Pallas GPU kernels may run (`use_pallas_kernels`; `JQTZ_PALLAS=0` turns them off).
+#: (enabled, lowering) of the Pallas GPU kernels (`use_pallas_kernels`; `JQTZ_PALLAS`).
 _PALLAS = [_pallas_from_env()]
 
 
 def pallas_kernels_enabled() -> bool:
     """Whether jqtz may use its Pallas GPU kernels (matrix products, decode attention)."""
-    return _PALLAS[-1]
+    return _PALLAS[-1][0]
+
+
+def pallas_lowering() -> str:
+    """The Pallas GPU lowering jqtz's kernels prefer: ``"triton"`` (the default) or
+    ``"mosaic"`` (see :func:`use_pallas_kernels`)."""
+    return _PALLAS[-1][1]
 
 
 @contextlib.contextmanager
-def use_pallas_kernels(enabled: bool):
+def use_pallas_kernels(enabled: bool = True, *, lowering: str = "triton"):
     """Turn jqtz's Pallas GPU kernels on or off inside the block (they are on by default;
     `JQTZ_PALLAS=0` in the environment turns them off for the whole process).
 
@@ -104,6 +116,12 @@ def use_pallas_kernels(enabled: bool):
     to rule a kernel out when something looks wrong. The choice is made when a function is
     traced, so entering and leaving the block clears JAX's caches of traced and compiled
     functions (`jax.clear_caches()`): jitted functions are traced again for the new setting.
+
+    `lowering="mosaic"` (or `JQTZ_PALLAS=mosaic`) runs the Mosaic GPU version of a kernel where
+    it has one for the operands on a Hopper GPU: W4A16 products with more than 16 rows, and
+    decode attention over int8/fp8 caches with one scale per token (docs/kernels.md). Everything
+    else keeps the Triton kernel (deprecated in jax 0.11, the default until an H100 run shows
+    which lowering is faster).
 
     Example:
       >>> import jax.numpy as jnp, jqtz
@@ -115,9 +133,15 @@ def use_pallas_kernels(enabled: bool):
       'xla'
       >>> jqtz.nn.matmul_path(x, w, backend="gpu", compute_capability=(9, 0))
       'w4a16'
+      >>> with jqtz.nn.use_pallas_kernels(lowering="mosaic"):  # 64 rows: a prefill chunk
+      ...     jqtz.nn.matmul_path(jnp.ones((64, 256), jnp.bfloat16), w, backend="gpu",
+      ...                         compute_capability=(9, 0))
+      'w4a16-mosaic'
     """
+    if lowering not in _LOWERINGS:
+        raise ValueError(f"`lowering` must be one of {_LOWERINGS}, got {lowering!r}")
     jax.clear_caches()
-    _PALLAS.append(bool(enabled))
+    _PALLAS.append((bool(enabled), lowering))
     try:
         yield
     finally:
@@ -127,14 +151,17 @@ def use_pallas_kernels(enabled: bool):
 
 def matmul_path(x, w, *, backend=None, compute_capability=None) -> str:
     """Which path `dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))` takes: the name of the
-    Pallas kernel (`"w4a16"`, `"w8a8"`) or `"xla"`. `backend` and `compute_capability` default
-    to the current device's (pass them to ask about a GPU from a CPU machine)."""
+    Pallas kernel (`"w4a16"`, `"w8a8"`; `"w4a16-mosaic"` for its Mosaic GPU version under
+    `use_pallas_kernels(lowering="mosaic")`) or `"xla"`. `backend` and `compute_capability`
+    default to the current device's (pass them to ask about a GPU from a CPU machine)."""
     backend = backend or jax.default_backend()
     if backend != "gpu" or not pallas_kernels_enabled() or not isinstance(w, QArray):
         return "xla"
     from pallas_kernels import dispatch  # imported only where a kernel can run
 
-    name = dispatch.kernel_for(x, w, backend=backend, compute_capability=compute_capability)
+    name = dispatch.kernel_for(
+        x, w, backend=backend, compute_capability=compute_capability, lowering=pallas_lowering()
+    )
     return name or "xla"
 
 
@@ -145,7 +172,7 @@ def _kernel_matmul(x, w: QArray):
         return None
     from pallas_kernels import dispatch  # imported only where a kernel can run
 
-    return dispatch.maybe_matmul(x, w)
+    return dispatch.maybe_matmul(x, w, lowering=pallas_lowering())
 
 
 def quantize_input(x, rhs: QArray) -> QArray:

@@ -192,7 +192,7 @@ def test_w8a8_mosaic_candidates_fit_the_h100(dtype):
 
 def test_end_to_end_decode_bench_smoke(capsys):
     """examples/bench_decode.py (the GPU session's second command) on a 2-layer model: every
-    case runs, with kernels on and off, and names its paths."""
+    case runs, with kernels on (Triton, and Mosaic GPU preferred) and off, and names its paths."""
     import importlib.util
     import pathlib
 
@@ -204,8 +204,8 @@ def test_end_to_end_decode_bench_smoke(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if "matmul" in line]
     assert [r[:3] for r in rows] == [
         ["bf16", "bf16", "on"], ["w4a16", "bf16", "on"], ["w4a16", "bf16", "off"],
-        ["bf16", "int8", "on"], ["bf16", "int8", "off"], ["w4a16", "int8", "on"],
-        ["w4a16", "int8", "off"],
+        ["bf16", "int8", "on"], ["bf16", "int8", "mosaic"], ["bf16", "int8", "off"],
+        ["w4a16", "int8", "on"], ["w4a16", "int8", "mosaic"], ["w4a16", "int8", "off"],
     ]  # fmt: skip
     assert all(float(r[4]) > 0 for r in rows)
 

@@ -407,6 +407,18 @@ def test_cache_kernel_path_matches_xla(kind, length, options):
     assert _max_err(kernel, xla) < 2e-5
 
 
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_cache_mosaic_kernel_path_matches_xla(kind):
+    """The cache's Mosaic GPU path (`use_pallas_kernels(lowering="mosaic")`), in the Mosaic GPU
+    interpreter, against its XLA path: bf16 queries (the Mosaic path takes 16-bit queries)."""
+    cache = _filled_cache(kind, 70)
+    q = jax.random.normal(jax.random.key(0), (2, 1, 8, 64), jnp.bfloat16)
+    mosaic = cache._attend_kernel(q, mosaic=True, interpret=True)
+    xla = cache._attend_xla(q)
+    assert mosaic.dtype == jnp.bfloat16 and mosaic.shape == xla.shape == (2, 1, 8, 64)
+    assert common.relative_error(mosaic, xla) < 1e-2  # bf16 queries and probabilities
+
+
 def test_cache_chooses_kernel_only_where_it_applies():
     h100 = dict(backend="gpu", compute_capability=(9, 0))
     cache = _filled_cache("int4", 40)

@@ -1,5 +1,7 @@
 """The quantized matrix product: weight-only, W8A8 int8, FP8, fallbacks, embedding rows."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,13 +120,15 @@ def test_gpu_products_go_through_the_kernel_dispatch(monkeypatch):
     x, w = _xw()
     q = jqtz.quantize(w, jqtz.QuantSpec(format="int4", granularity="group", group_size=32))
     asked = []
-    monkeypatch.setattr(dispatch, "maybe_matmul", lambda x, w: asked.append(w) or None)
+    monkeypatch.setattr(dispatch, "maybe_matmul", lambda x, w, **kw: asked.append(w) or None)
     np.testing.assert_allclose(dot_general(x, q, DN), x @ q.dequantize(), rtol=1e-5, atol=1e-5)
     assert asked == []  # CPU backend
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     dot_general(x, q, DN)
     assert asked == [q]  # asked, declined: the XLA result above is what ran
-    monkeypatch.setattr(dispatch, "maybe_matmul", lambda x, w: jnp.full((x.shape[0], 40), 7.0))
+    monkeypatch.setattr(
+        dispatch, "maybe_matmul", lambda x, w, **kw: jnp.full((x.shape[0], 40), 7.0)
+    )
     assert float(dot_general(x, q, DN)[0, 0]) == 7.0
     # A contraction other than x[..., K] @ w[K, N] never reaches the kernels.
     y = dot_general(x.T, q, (((0,), (0,)), ((), ())))
@@ -151,7 +155,9 @@ def test_use_pallas_kernels_switches_every_product_and_the_cache_to_xla(monkeypa
     assert jqtz.nn.matmul_path(jnp.ones((2, 256), jnp.bfloat16), wk) == "xla"  # this CPU
     assert cache.attention_path(q1, **h100) == "kernel"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(dispatch, "maybe_matmul", lambda x, w: jnp.full((x.shape[0], 40), 7.0))
+    monkeypatch.setattr(
+        dispatch, "maybe_matmul", lambda x, w, **kw: jnp.full((x.shape[0], 40), 7.0)
+    )
     assert float(dot_general(x, q, DN)[0, 0]) == 7.0  # the (pretend) kernel ran
     with jqtz.nn.use_pallas_kernels(False):
         assert not jqtz.nn.pallas_kernels_enabled()
@@ -173,7 +179,9 @@ def test_use_pallas_kernels_retraces_jitted_functions(monkeypatch):
     x, w = _xw()
     q = jqtz.quantize(w, jqtz.QuantSpec(format="int4", granularity="group", group_size=32))
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(dispatch, "maybe_matmul", lambda x, w: jnp.full((x.shape[0], 40), 7.0))
+    monkeypatch.setattr(
+        dispatch, "maybe_matmul", lambda x, w, **kw: jnp.full((x.shape[0], 40), 7.0)
+    )
     f = jax.jit(lambda x, q: dot_general(x, q, DN))
     assert float(f(x, q)[0, 0]) == 7.0
     with jqtz.nn.use_pallas_kernels(False):
@@ -181,14 +189,49 @@ def test_use_pallas_kernels_retraces_jitted_functions(monkeypatch):
     assert float(f(x, q)[0, 0]) == 7.0
 
 
+def test_mosaic_lowering_is_chosen_where_a_mosaic_path_exists():
+    """`use_pallas_kernels(lowering="mosaic")`: W4A16 with more than 16 rows and decode
+    attention over an int8 cache take their Mosaic GPU versions on a Hopper GPU; decode-sized
+    products, other GPUs and operands without a Mosaic path keep Triton."""
+    from jqtz.models.quantized_kv_cache import KVQuantSpec, QuantizedKVCache
+
+    h100 = dict(backend="gpu", compute_capability=(9, 0))
+    spec = jqtz.QuantSpec(format="int4", granularity="group", group_size=128)
+    wk = jqtz.quantize(jnp.ones((256, 128)), spec)
+    w8 = jqtz.quantize(jnp.ones((256, 128)), dataclasses.replace(spec, format="int8"))
+    x64, x1 = jnp.ones((64, 256), jnp.bfloat16), jnp.ones((1, 256), jnp.bfloat16)
+    int8 = QuantizedKVCache.init(KVQuantSpec(kind="int8"), batch=1, max_len=64, n_kv_heads=2,
+                                 head_dim=64)  # fmt: skip
+    int4 = QuantizedKVCache.init(KVQuantSpec(kind="int4"), batch=1, max_len=64, n_kv_heads=2,
+                                 head_dim=64)  # fmt: skip
+    q1 = jnp.ones((1, 1, 8, 64), jnp.bfloat16)
+    assert jqtz.nn.pallas_lowering() == "triton"
+    assert jqtz.nn.matmul_path(x64, wk, **h100) == "w4a16"
+    with jqtz.nn.use_pallas_kernels(lowering="mosaic"):
+        assert jqtz.nn.pallas_lowering() == "mosaic"
+        assert jqtz.nn.matmul_path(x64, wk, **h100) == "w4a16-mosaic"
+        assert jqtz.nn.matmul_path(x1, wk, **h100) == "w4a16"  # decode: Triton's GEMV
+        assert jqtz.nn.matmul_path(x64, w8, **h100) == "w4a16"  # 8-bit codes: no Mosaic path
+        assert jqtz.nn.matmul_path(x64, wk, backend="gpu", compute_capability=(8, 9)) == "w4a16"
+        assert int8.attention_path(q1, **h100) == "kernel-mosaic"
+        assert int4.attention_path(q1, **h100) == "kernel"  # int4 pages: Triton
+        assert int8.attention_path(q1, backend="gpu", compute_capability=(8, 9)) == "kernel"
+        assert int8.attention_path(q1) == "xla"  # this machine: CPU
+    assert int8.attention_path(q1, **h100) == "kernel"
+    with pytest.raises(ValueError, match="`lowering` must be one of"):
+        jqtz.nn.use_pallas_kernels(lowering="cuda").__enter__()
+
+
 @pytest.mark.parametrize(
-    "value,enabled", [("0", False), ("off", False), ("False", False), ("1", True), (" on ", True)]
-)
-def test_jqtz_pallas_environment_variable(value, enabled, monkeypatch):
+    "value,enabled,lowering",
+    [("0", False, "triton"), ("off", False, "triton"), ("False", False, "triton"),
+     ("1", True, "triton"), (" on ", True, "triton"), ("Mosaic", True, "mosaic")],
+)  # fmt: skip
+def test_jqtz_pallas_environment_variable(value, enabled, lowering, monkeypatch):
     from jqtz.nn import ops
 
     monkeypatch.setenv("JQTZ_PALLAS", value)
-    assert ops._pallas_from_env() is enabled
+    assert ops._pallas_from_env() == (enabled, lowering)
 
 
 def test_jqtz_pallas_rejects_unclear_values(monkeypatch):
