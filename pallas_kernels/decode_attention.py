@@ -566,8 +566,8 @@ def _mosaic_kernel(lengths_g, tables_g, q_g, kc_g, *refs, layout, page, pps, hkv
 
 
 def _mosaic_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: MosaicConfig, interpret):
-    """The Mosaic GPU path: per-program partial outputs ``(B, Hkv, splits, 64, D)`` and their
-    running max and sum, merged like the Triton kernel's."""
+    """The Mosaic GPU path: per-program partial outputs ``(B, Hkv, splits, 64, D)`` with their
+    running max and sum, merged by :func:`_finish` as the Triton kernel's."""
     reason = mosaic_unsupported(q, k, v)
     if reason:
         raise ValueError(
@@ -575,11 +575,10 @@ def _mosaic_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: MosaicC
             "these pages."
         )
     common.require_hopper_for_mosaic(interpret)
-    b, h, d = q.shape
+    b, _, d = q.shape
     n_pages, page, hkv, _ = k.codes.shape
-    g, rows = h // hkv, _MOSAIC_ROWS
-    splits = _splits(cfg, b, hkv, block_tables.shape[1])
-    pps = common.cdiv(block_tables.shape[1], splits)
+    rows = _MOSAIC_ROWS
+    splits, pps, tables = _split_tables(cfg, block_tables, hkv)
     steps = min(cfg.max_concurrent_steps, pps)
     smem = _mosaic_smem_bytes(q, k, v, steps)
     if smem > _MOSAIC_SMEM_BYTES:
@@ -588,9 +587,7 @@ def _mosaic_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: MosaicC
             f"shared memory for pages of {page} tokens x {d} channels; an H100 block has "
             f"{_MOSAIC_SMEM_BYTES}. Use fewer steps (at least 2)."
         )
-    tables = common.pad_axis(block_tables.astype(jnp.int32), 1, splits * pps)
-    qs = (q.astype(jnp.float32) * d**-0.5).astype(q.dtype)
-    qs = common.pad_axis(qs.reshape(b, hkv, g, d), 2, rows)
+    qs = _scaled_queries(q, hkv, rows)
     # Codes as 2-D (tokens, heads x D) for TMA tiles; per-token scales transposed so one KV
     # head's scales of a page are contiguous (a TMA row needs >= 16 bytes): a copy of 1/D of
     # the codes' size per call.
@@ -621,79 +618,36 @@ def _mosaic_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: MosaicC
     return _finish(o, m, sums)
 
 
-def _check_inputs(q, k: Pages, v: Pages, lengths, block_tables):
-    if q.ndim != 3 or np.dtype(q.dtype) not in _Q_DTYPES:
-        raise ValueError(f"`q` must be (B, H, D) bf16, f16 or f32, got {q.shape} {q.dtype}")
-    k.check("k")
-    v.check("v")
-    if v.per_channel:
-        raise ValueError("`v` must have per-token scales (per_channel=False)")
-    b, h, d = q.shape
-    if k.codes.shape[:3] != v.codes.shape[:3] or k.head_dim != d or v.head_dim != d:
-        raise ValueError(
-            f"`k` {k.codes.shape} and `v` {v.codes.shape} pages must match each other and the "
-            f"head dimension {d} of `q` (int4 codes hold D/2 bytes)"
-        )
-    hkv = k.codes.shape[2]
-    if h % hkv:
-        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({hkv})")
-    if lengths.shape != (b,) or block_tables.ndim != 2 or block_tables.shape[0] != b:
-        raise ValueError(
-            f"`lengths` must be ({b},) and `block_tables` ({b}, pages_per_seq), got "
-            f"{lengths.shape} and {block_tables.shape}"
-        )
-
-
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def decode_attention(
-    q: jax.Array,
-    k: Pages,
-    v: Pages,
-    lengths: jax.Array,
-    block_tables: jax.Array,
-    *,
-    config: TuningConfig | None = None,
-    interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """Attention of one query token per sequence over paged, quantized keys and values.
-
-    Args:
-      q: ``(B, H, D)`` bf16/f16/f32 (RoPE applied; not yet scaled by ``1/sqrt(D)``).
-      k, v: :class:`Pages` of keys and values (values per token).
-      lengths: int32 ``(B,)``: positions ``[0, lengths[b])`` of sequence ``b`` are attended;
-        at most ``pages_per_seq * page`` (values are not checked under ``jit``: positions past
-        the table read page 0, as an overfull ``KVCache`` would read clamped slots).
-      block_tables: int32 ``(B, pages_per_seq)``: page ``j`` of sequence ``b`` is
-        ``block_tables[b, j]``; entries past ``ceil(lengths[b] / page)`` are not read.
-      config: a :class:`TuningConfig` (Triton; the default :class:`TuningConfig()`) or a
-        :class:`MosaicConfig` (Mosaic GPU, Hopper; int8/fp8/16-bit pages with per-token scales).
-      interpret: run the Pallas interpreter (CPU) instead of compiling for the GPU.
-
-    Returns:
-      ``(out (B, H, D) in q.dtype, lse (B, H) float32)``; a sequence of length 0 gives zeros
-      and ``lse = MASK_VALUE``.
-    """
-    _check_inputs(q, k, v, lengths, block_tables)
-    cfg = config or TuningConfig()
-    if isinstance(cfg, MosaicConfig):
-        out, lse = _mosaic_attention(q, k, v, lengths, block_tables, cfg, interpret)
-        b, h, d = q.shape
-        g = h // k.codes.shape[2]
-        return out[:, :, :g].reshape(b, h, d).astype(q.dtype), lse[:, :, :g].reshape(b, h)
-    b, h, d = q.shape
-    n_pages, page, hkv, _ = k.codes.shape
-    g = h // hkv
-    bh = max(16, 1 << (g - 1).bit_length())
-    pps_all = block_tables.shape[1]
+def _split_tables(cfg: TuningConfig | MosaicConfig, block_tables, hkv: int):
+    """``(splits, pages per split, tables (B, splits * pages per split))``: the block tables
+    padded so that every split has the same number of entries (padding is never read)."""
+    b, pps_all = block_tables.shape
     splits = _splits(cfg, b, hkv, pps_all)
     pps = common.cdiv(pps_all, splits)
-    tables = common.pad_axis(block_tables.astype(jnp.int32), 1, splits * pps)
+    return splits, pps, common.pad_axis(block_tables.astype(jnp.int32), 1, splits * pps)
+
+
+def _scaled_queries(q, hkv: int, rows: int, *, deinterleave: bool = False):
+    """``q (B, H, D) / sqrt(D)`` as ``(B, Hkv, rows, D)``: the ``G`` heads of each KV head
+    zero-padded to ``rows`` (one tile), channels even-then-odd for packed int4 keys."""
+    b, h, d = q.shape
+    qs = (q.astype(jnp.float32) * d**-0.5).astype(q.dtype)
+    if deinterleave:
+        qs = _deinterleave(qs)
+    return common.pad_axis(qs.reshape(b, hkv, h // hkv, d), 2, rows)
+
+
+def _triton_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: TuningConfig, interpret):
+    """The Triton kernel: per-program partial outputs ``(B, Hkv, splits, rows, D)`` (rows: the
+    ``G`` query heads padded to 16 or a power of two) with their running max and sum, merged by
+    :func:`_finish`. Packed int4 outputs come in the kernel's channel order (even, then odd)."""
+    b, h, d = q.shape
+    n_pages, page, hkv, _ = k.codes.shape
+    bh = max(16, 1 << (h // hkv - 1).bit_length())
+    splits, pps, tables = _split_tables(cfg, block_tables, hkv)
     tables = tables.reshape(b, splits, pps)
     compute = np.dtype(q.dtype)
-    qs = (q.astype(jnp.float32) * d**-0.5).astype(compute)
-    if k.kind == "int4":
-        qs = _deinterleave(qs)
-    qs = common.pad_axis(qs.reshape(b, hkv, g, d), 2, bh)
+    qs = _scaled_queries(q, hkv, bh, deinterleave=k.kind == "int4")
 
     layout = (k.kind, k.per_channel, k.offset is not None, v.kind, v.offset is not None,
               k.groups, v.groups)  # fmt: skip
@@ -746,7 +700,67 @@ def decode_attention(
         interpret=interpret,
         name=f"decode_attention_{k.kind}",
     )(*args)
-    out, lse = _finish(o, m, sums)  # (B, Hkv, bh, D), (B, Hkv, bh)
+    return _finish(o, m, sums)
+
+
+def _check_inputs(q, k: Pages, v: Pages, lengths, block_tables):
+    if q.ndim != 3 or np.dtype(q.dtype) not in _Q_DTYPES:
+        raise ValueError(f"`q` must be (B, H, D) bf16, f16 or f32, got {q.shape} {q.dtype}")
+    k.check("k")
+    v.check("v")
+    if v.per_channel:
+        raise ValueError("`v` must have per-token scales (per_channel=False)")
+    b, h, d = q.shape
+    if k.codes.shape[:3] != v.codes.shape[:3] or k.head_dim != d or v.head_dim != d:
+        raise ValueError(
+            f"`k` {k.codes.shape} and `v` {v.codes.shape} pages must match each other and the "
+            f"head dimension {d} of `q` (int4 codes hold D/2 bytes)"
+        )
+    hkv = k.codes.shape[2]
+    if h % hkv:
+        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({hkv})")
+    if lengths.shape != (b,) or block_tables.ndim != 2 or block_tables.shape[0] != b:
+        raise ValueError(
+            f"`lengths` must be ({b},) and `block_tables` ({b}, pages_per_seq), got "
+            f"{lengths.shape} and {block_tables.shape}"
+        )
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def decode_attention(
+    q: jax.Array,
+    k: Pages,
+    v: Pages,
+    lengths: jax.Array,
+    block_tables: jax.Array,
+    *,
+    config: TuningConfig | MosaicConfig | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Attention of one query token per sequence over paged, quantized keys and values.
+
+    Args:
+      q: ``(B, H, D)`` bf16/f16/f32 (RoPE applied; not yet scaled by ``1/sqrt(D)``).
+      k, v: :class:`Pages` of keys and values (values per token).
+      lengths: int32 ``(B,)``: positions ``[0, lengths[b])`` of sequence ``b`` are attended;
+        at most ``pages_per_seq * page`` (values are not checked under ``jit``: positions past
+        the table read page 0, as an overfull ``KVCache`` would read clamped slots).
+      block_tables: int32 ``(B, pages_per_seq)``: page ``j`` of sequence ``b`` is
+        ``block_tables[b, j]``; entries past ``ceil(lengths[b] / page)`` are not read.
+      config: a :class:`TuningConfig` (Triton; the default :class:`TuningConfig()`) or a
+        :class:`MosaicConfig` (Mosaic GPU, Hopper; int8/fp8/16-bit pages with per-token scales).
+      interpret: run the Pallas interpreter (CPU) instead of compiling for the GPU.
+
+    Returns:
+      ``(out (B, H, D) in q.dtype, lse (B, H) float32)``; a sequence of length 0 gives zeros
+      and ``lse = MASK_VALUE``.
+    """
+    _check_inputs(q, k, v, lengths, block_tables)
+    cfg = config or TuningConfig()
+    run = _mosaic_attention if isinstance(cfg, MosaicConfig) else _triton_attention
+    out, lse = run(q, k, v, lengths, block_tables, cfg, interpret)  # (B, Hkv, rows, D)
+    b, h, d = q.shape
+    g = h // k.codes.shape[2]
     out, lse = out[:, :, :g].reshape(b, h, d), lse[:, :, :g].reshape(b, h)
     if v.kind == "int4":
         out = _interleave(out)
