@@ -35,13 +35,14 @@ full-precision residual window) merges in exactly.
 **Two lowerings**, chosen by the config's type:
 
 - :class:`TuningConfig`: Pallas Triton (the default), every kind and scale layout above.
-- :class:`MosaicConfig`: Pallas Mosaic GPU, Hopper only: TMA loads of whole pages through a
-  ring of barriers, 8-bit codes widened to 16 bits in shared memory, both products on
-  ``wgmma`` (the ``G`` query heads padded to its 64 rows). int8, fp8 and 16-bit pages with one
-  scale per token and head; int4 and channel groups stay on Triton. The per-token scales are
-  transposed per call (1/D of the codes' bytes), since one head's scales of a page are strided
-  in ``(P, page, Hkv)`` and a TMA row needs 16 contiguous bytes. The benchmark sweeps both;
-  jqtz's cache keeps Triton until an H100 run shows which is faster (docs/kernels.md).
+- :class:`MosaicConfig`: Pallas Mosaic GPU, Hopper only: steps of 64-256 tokens (one page,
+  or several small pages gathered in table order) TMA-loaded through a ring of barriers, 8-bit
+  codes widened to 16 bits in shared memory, both products on ``wgmma`` (the ``G`` query heads
+  padded to its 64 rows). int8, fp8 and 16-bit pages with one scale per token and head; int4
+  and channel groups stay on Triton. The per-token scales are transposed per call (1/D of the
+  codes' bytes), since one head's scales of a page are strided in ``(P, page, Hkv)`` and a TMA
+  row needs 16 contiguous bytes. The benchmark sweeps both; jqtz's cache keeps Triton unless
+  ``jqtz.nn.use_pallas_kernels(lowering="mosaic")`` asks for Mosaic GPU (docs/kernels.md).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -189,8 +190,11 @@ class MosaicConfig:
 
     Attributes:
       num_splits: programs per (sequence, KV head) along the sequence, as in
-        :class:`TuningConfig`.
-      max_concurrent_steps: pages whose TMA loads are in flight per program, at least 2.
+        :class:`TuningConfig` (counted in steps of ``block_tokens``).
+      max_concurrent_steps: steps whose TMA loads are in flight per program, at least 2.
+      block_tokens: tokens per step: 64, 128 or 256, a multiple of the page size (a step
+        gathers that many pages, in table order); None: the page size, or 64 for smaller
+        pages (vLLM's 16-token pages make four pages a step).
 
     Example (the Mosaic GPU interpreter on a CPU; on an H100, interpret=False):
       >>> import jax, jax.numpy as jnp
@@ -209,6 +213,7 @@ class MosaicConfig:
 
     num_splits: int | None = None
     max_concurrent_steps: int = 2
+    block_tokens: int | None = None
 
     def __post_init__(self):
         if self.num_splits is not None and self.num_splits < 1:
@@ -217,6 +222,14 @@ class MosaicConfig:
             raise ValueError(
                 f"MosaicConfig.max_concurrent_steps must be >= 2, got {self.max_concurrent_steps}"
             )
+        if self.block_tokens not in (None, 64, 128, 256):
+            raise ValueError(
+                f"MosaicConfig.block_tokens must be 64, 128, 256 or None, got {self.block_tokens}"
+            )
+
+    def block(self, page: int) -> int:
+        """Tokens per step for pages of ``page`` tokens."""
+        return self.block_tokens or max(64, page)
 
 
 def _splits(cfg: TuningConfig | MosaicConfig, batch: int, hkv: int, pages: int) -> int:
@@ -394,27 +407,29 @@ _MOSAIC_ROWS = 64
 _MOSAIC_SMEM_BYTES = 232_448
 
 
-def _mosaic_smem_bytes(q, k: Pages, v: Pages, steps: int) -> int:
+def _mosaic_smem_bytes(q, k: Pages, v: Pages, steps: int, block: int) -> int:
     """Shared memory of the Mosaic GPU kernel's pipeline phase (the output store reuses it)."""
-    d, page = q.shape[-1], k.codes.shape[1]
+    d = q.shape[-1]
     half = np.dtype(q.dtype).itemsize
-    total = _MOSAIC_ROWS * d * half + _MOSAIC_ROWS * page * half  # queries, probabilities
+    total = _MOSAIC_ROWS * d * half + _MOSAIC_ROWS * block * half  # queries, probabilities
     for pages in (k, v):
-        total += steps * page * d * np.dtype(pages.codes.dtype).itemsize  # the TMA stages
+        total += steps * block * d * np.dtype(pages.codes.dtype).itemsize  # the TMA stages
         if pages.scale is not None:
-            total += steps * page * np.dtype(pages.scale.dtype).itemsize + page * d * half
+            total += steps * block * np.dtype(pages.scale.dtype).itemsize + block * d * half
     return total + 4096  # barriers and alignment (about 2 KiB measured), rounded up
 
 
-def mosaic_unsupported(q, k: Pages, v: Pages) -> str | None:
-    """Why :class:`MosaicConfig` cannot run these operands (None: it can).
+def mosaic_unsupported(q, k: Pages, v: Pages, config: MosaicConfig | None = None) -> str | None:
+    """Why ``config`` (default :class:`MosaicConfig()`) cannot run these operands (None: it can).
 
     The Mosaic GPU path needs bf16/f16 queries, int8, fp8 or 16-bit pages of the query's dtype
     with one scale per token and head (no channel groups), a head dimension that is a multiple
-    of 64 up to 256, pages of 64, 128 or 256 tokens whose two-step pipeline fits in shared
-    memory (int8 pages of 128 tokens with D = 128 do; 256 tokens with D = 128 do not), and at
+    of 64 up to 256, pages of a power-of-two number of tokens >= 16 that divides the step
+    (``block_tokens``) or is a multiple of 64 up to 256, a two-step pipeline that fits in shared
+    memory (int8 steps of 128 tokens with D = 128 do; 256 tokens with D = 128 do not), and at
     most 64 query heads per KV head.
     """
+    config = config or MosaicConfig()
     d, page = q.shape[-1], k.codes.shape[1]
     g = q.shape[1] // k.codes.shape[2]
     if np.dtype(q.dtype) not in _Q_DTYPES[:2]:
@@ -426,23 +441,29 @@ def mosaic_unsupported(q, k: Pages, v: Pages) -> str | None:
             return f"`{name}` float pages must have the query's dtype {q.dtype}"
     if d % 64 or d > 256:
         return f"the head dimension must be a multiple of 64 up to 256, got {d}"
-    if page not in (64, 128, 256):
-        return f"pages must hold 64, 128 or 256 tokens, got {page}"
+    block = config.block(page)
+    if not (common.is_pow2(page) and 16 <= page <= 256 and block % page == 0 and block <= 256):
+        return (f"pages must hold a power of two >= 16 tokens dividing the step of {block} "
+                f"tokens (block_tokens), up to 256; got {page}")  # fmt: skip
     if g > _MOSAIC_ROWS:
         return f"at most {_MOSAIC_ROWS} query heads per KV head, got {g}"
-    if (smem := _mosaic_smem_bytes(q, k, v, 2)) > _MOSAIC_SMEM_BYTES:
-        return (f"pages of {page} tokens x {d} channels need {smem} bytes of shared memory "
+    if (smem := _mosaic_smem_bytes(q, k, v, 2, block)) > _MOSAIC_SMEM_BYTES:
+        return (f"steps of {block} tokens x {d} channels need {smem} bytes of shared memory "
                 f"with two pipeline steps; a block has {_MOSAIC_SMEM_BYTES}")  # fmt: skip
     return None
 
 
-def _mosaic_kernel(lengths_g, tables_g, q_g, kc_g, *refs, layout, page, pps, hkv, d, steps):
-    """One warpgroup per (sequence, KV head, split). Each step waits for one page of key and
-    value codes and scales, widens 8-bit codes to 16 bits in shared memory (exact), refills the
-    slot with the page ``steps`` ahead (TMA), and runs the two products on ``wgmma``: scores
-    ``q k^T`` (64 x page), scaled by the key scales in float32, and, after the online softmax,
-    ``p v`` (64 x D) with the value scales folded into ``p``, as the Triton kernel does.
-    Programs past the sequence's length load nothing."""
+def _mosaic_kernel(
+    lengths_g, tables_g, q_g, kc_g, *refs, layout, page, block, per_split, hkv, d, steps
+):
+    """One warpgroup per (sequence, KV head, split). Each step waits for one ``block`` of
+    tokens (``block / page`` pages of key and value codes and scales, TMA-loaded into one slot
+    in table order), widens 8-bit codes to 16 bits in shared memory (exact), refills the slot
+    with the block ``steps`` ahead, and runs the two products on ``wgmma``: scores ``q k^T``
+    (64 x block), scaled by the key scales in float32, and, after the online softmax, ``p v``
+    (64 x D) with the value scales folded into ``p``, as the Triton kernel does. Programs past
+    the sequence's length load nothing; pages of a block past it reload the last page (masked),
+    so table entries past ``ceil(length / page)`` are never read."""
     k_quant, v_quant = layout
     refs = list(refs)
     ks_g = refs.pop(0) if k_quant else None
@@ -453,21 +474,25 @@ def _mosaic_kernel(lengths_g, tables_g, q_g, kc_g, *refs, layout, page, pps, hkv
     rows = _MOSAIC_ROWS
     b, j, split = (jax.lax.axis_index(a) for a in ("b", "h", "s"))
     length = lengths_g[b]
-    first = split * pps
-    n = jnp.clip(pl.cdiv(length, page) - first, 0, pps)
+    first = split * per_split  # this program's first block
+    n = jnp.clip(pl.cdiv(length, block) - first, 0, per_split)
+    last_page = jnp.maximum(pl.cdiv(length, page) - 1, 0)
     col = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA tile
 
     def main(q_s, q_bar, stage, bars, k16, v16, p_s):
         kc_s, ks_s, vc_s, vs_s = stage
 
-        def fetch(i, slot):  # page i of this program's run into slot `slot`
-            p = tables_g[b, first + i]
-            tile = (pl.ds(p * page, page), pl.ds(j * d, d))
-            plgpu.copy_gmem_to_smem(kc_g.at[tile], kc_s.at[slot], bars.at[slot])
-            plgpu.copy_gmem_to_smem(vc_g.at[tile], vc_s.at[slot], bars.at[slot])
-            for sc_g, sc_s in ((ks_g, ks_s), (vs_g, vs_s)):
-                if sc_g is not None:
-                    plgpu.copy_gmem_to_smem(sc_g.at[p * hkv + j], sc_s.at[slot], bars.at[slot])
+        def fetch(i, slot):  # block i of this program's run into slot `slot`
+            for u in range(block // page):
+                p = tables_g[b, jnp.minimum((first + i) * (block // page) + u, last_page)]
+                tile, rows_u = (pl.ds(p * page, page), pl.ds(j * d, d)), pl.ds(u * page, page)
+                plgpu.copy_gmem_to_smem(kc_g.at[tile], kc_s.at[slot, rows_u], bars.at[slot])
+                plgpu.copy_gmem_to_smem(vc_g.at[tile], vc_s.at[slot, rows_u], bars.at[slot])
+                for sc_g, sc_s in ((ks_g, ks_s), (vs_g, vs_s)):
+                    if sc_g is not None:
+                        plgpu.copy_gmem_to_smem(
+                            sc_g.at[p * hkv + j], sc_s.at[slot, rows_u], bars.at[slot]
+                        )
 
         plgpu.copy_gmem_to_smem(q_g.at[b, j], q_s, q_bar)
         for i in range(steps):
@@ -500,18 +525,18 @@ def _mosaic_kernel(lengths_g, tables_g, q_g, kc_g, *refs, layout, page, pps, hkv
             values = vc_s.at[slot] if not v_quant else v16
             if k_quant:
                 widen(kc_s, slot, k16)
-                k_scale = scale_row(ks_s, slot, (rows, page))
+                k_scale = scale_row(ks_s, slot, (rows, block))
             if v_quant:
                 widen(vc_s, slot, v16)
-                v_scale = scale_row(vs_s, slot, (rows, page))
+                v_scale = scale_row(vs_s, slot, (rows, block))
             plgpu.commit_smem()
-            s = product(q_s, keys.T, (rows, page))
+            s = product(q_s, keys.T, (rows, block))
             if k_quant:  # per-token key scales multiply the scores
                 s = s * k_scale
             if k_quant and v_quant:  # the slot's codes are in registers: refill it now
                 pl.when(i + steps < n)(functools.partial(fetch, i + steps, slot))
-            pos = (first + i) * page + plgpu.broadcasted_iota(
-                jnp.int32, (rows, page), 1, layout=plgpu.Layout.WGMMA
+            pos = (first + i) * block + plgpu.broadcasted_iota(
+                jnp.int32, (rows, block), 1, layout=plgpu.Layout.WGMMA
             )
             s = jnp.where(pos < length, s, MASK_VALUE)
             m_next = jnp.maximum(m_prev, s.max(axis=1))
@@ -535,21 +560,21 @@ def _mosaic_kernel(lengths_g, tables_g, q_g, kc_g, *refs, layout, page, pps, hkv
         return jax.lax.fori_loop(0, n, body, init)
 
     stage = (
-        plgpu.SMEM((steps, page, d), kc_g.dtype),
-        plgpu.SMEM((steps, page), ks_g.dtype) if k_quant else None,
-        plgpu.SMEM((steps, page, d), vc_g.dtype),
-        plgpu.SMEM((steps, page), vs_g.dtype) if v_quant else None,
+        plgpu.SMEM((steps, block, d), kc_g.dtype),
+        plgpu.SMEM((steps, block), ks_g.dtype) if k_quant else None,
+        plgpu.SMEM((steps, block, d), vc_g.dtype),
+        plgpu.SMEM((steps, block), vs_g.dtype) if v_quant else None,
     )
-    arrivals = 2 + k_quant + v_quant
+    arrivals = (2 + k_quant + v_quant) * (block // page)  # one per TMA copy of a step
     acc, m, total = pl.run_scoped(
         main,
         plgpu.SMEM((rows, d), dtype),
         plgpu.Barrier(num_barriers=1),
         stage,
         plgpu.Barrier(num_arrivals=arrivals, num_barriers=steps),
-        plgpu.SMEM((page, d), dtype) if k_quant else None,
-        plgpu.SMEM((page, d), dtype) if v_quant else None,
-        plgpu.SMEM((rows, page), dtype),
+        plgpu.SMEM((block, d), dtype) if k_quant else None,
+        plgpu.SMEM((block, d), dtype) if v_quant else None,
+        plgpu.SMEM((rows, block), dtype),
     )
 
     def store(o_s, ml_s):  # the pipeline's buffers are free again: reuse their space
@@ -568,7 +593,7 @@ def _mosaic_kernel(lengths_g, tables_g, q_g, kc_g, *refs, layout, page, pps, hkv
 def _mosaic_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: MosaicConfig, interpret):
     """The Mosaic GPU path: per-program partial outputs ``(B, Hkv, splits, 64, D)`` with their
     running max and sum, merged by :func:`_finish` as the Triton kernel's."""
-    reason = mosaic_unsupported(q, k, v)
+    reason = mosaic_unsupported(q, k, v, cfg)
     if reason:
         raise ValueError(
             f"decode_attention with a MosaicConfig: {reason}. Use a TuningConfig (Triton) for "
@@ -577,15 +602,15 @@ def _mosaic_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: MosaicC
     common.require_hopper_for_mosaic(interpret)
     b, _, d = q.shape
     n_pages, page, hkv, _ = k.codes.shape
-    rows = _MOSAIC_ROWS
-    splits, pps, tables = _split_tables(cfg, block_tables, hkv)
-    steps = min(cfg.max_concurrent_steps, pps)
-    smem = _mosaic_smem_bytes(q, k, v, steps)
+    rows, block = _MOSAIC_ROWS, cfg.block(page)
+    splits, per_split, tables = _split_tables(cfg, block_tables, hkv, block // page)
+    steps = min(cfg.max_concurrent_steps, per_split)
+    smem = _mosaic_smem_bytes(q, k, v, steps, block)
     if smem > _MOSAIC_SMEM_BYTES:
         raise ValueError(
             f"MosaicConfig.max_concurrent_steps={cfg.max_concurrent_steps} needs {smem} bytes of "
-            f"shared memory for pages of {page} tokens x {d} channels; an H100 block has "
-            f"{_MOSAIC_SMEM_BYTES}. Use fewer steps (at least 2)."
+            f"shared memory for steps of {block} tokens x {d} channels; an H100 block has "
+            f"{_MOSAIC_SMEM_BYTES}. Use fewer steps (at least 2) or a smaller block_tokens."
         )
     qs = _scaled_queries(q, hkv, rows)
     # Codes as 2-D (tokens, heads x D) for TMA tiles; per-token scales transposed so one KV
@@ -600,7 +625,8 @@ def _mosaic_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: MosaicC
         _mosaic_kernel,
         layout=(k.scale is not None, v.scale is not None),
         page=page,
-        pps=pps,
+        block=block,
+        per_split=per_split,
         hkv=hkv,
         d=d,
         steps=steps,
@@ -618,13 +644,16 @@ def _mosaic_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: MosaicC
     return _finish(o, m, sums)
 
 
-def _split_tables(cfg: TuningConfig | MosaicConfig, block_tables, hkv: int):
-    """``(splits, pages per split, tables (B, splits * pages per split))``: the block tables
-    padded so that every split has the same number of entries (padding is never read)."""
+def _split_tables(cfg: TuningConfig | MosaicConfig, block_tables, hkv: int, per_step: int = 1):
+    """``(splits, steps per split, tables (B, splits * steps per split * per_step))``: splits
+    over steps of ``per_step`` pages, and the block tables padded so that every split has the
+    same number of entries (padding is never read)."""
     b, pps_all = block_tables.shape
-    splits = _splits(cfg, b, hkv, pps_all)
-    pps = common.cdiv(pps_all, splits)
-    return splits, pps, common.pad_axis(block_tables.astype(jnp.int32), 1, splits * pps)
+    steps_all = common.cdiv(pps_all, per_step)
+    splits = _splits(cfg, b, hkv, steps_all)
+    per_split = common.cdiv(steps_all, splits)
+    size = splits * per_split * per_step
+    return splits, per_split, common.pad_axis(block_tables.astype(jnp.int32), 1, size)
 
 
 def _scaled_queries(q, hkv: int, rows: int, *, deinterleave: bool = False):
@@ -894,8 +923,8 @@ def can_use(q, k: Pages, v: Pages, *, backend: str | None = None, compute_capabi
 def tune_candidates(batch: int, hkv: int, pages: int) -> list[TuningConfig | MosaicConfig]:
     """Configs `--tune` tries (the default first, the Mosaic GPU default second, so a spent
     time budget still compares the two lowerings): split counts around the default's, Triton
-    launch parameters, and Mosaic GPU pipeline depths. The benchmark drops Mosaic GPU configs
-    for pages that path does not read (:func:`mosaic_unsupported`)."""
+    launch parameters, and Mosaic GPU pipeline depths and step sizes. The benchmark drops
+    Mosaic GPU configs for pages that path does not read (:func:`mosaic_unsupported`)."""
     auto = _splits(TuningConfig(), batch, hkv, pages)
     splits = sorted({max(1, auto // 2), auto, 2 * auto, 4 * auto} & set(range(1, pages + 1)))
     out = [TuningConfig(), MosaicConfig()]
@@ -903,6 +932,7 @@ def tune_candidates(batch: int, hkv: int, pages: int) -> list[TuningConfig | Mos
         for warps, stages in ((4, 2), (4, 3), (8, 2)):
             out.append(TuningConfig(num_splits=sp, num_warps=warps, num_stages=stages))
         out += [MosaicConfig(num_splits=sp, max_concurrent_steps=st) for st in (2, 4)]
+        out.append(MosaicConfig(num_splits=sp, block_tokens=128))
     return list(dict.fromkeys(out))
 
 
@@ -960,8 +990,8 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), batch=8
             cands = []
             if tune:
                 cands = tune_candidates(b, hkv, tables.shape[1])
-                if mosaic_unsupported(qs[0], k, v):
-                    cands = [c for c in cands if not isinstance(c, MosaicConfig)]
+                cands = [c for c in cands if not isinstance(c, MosaicConfig)
+                         or mosaic_unsupported(qs[0], k, v, c) is None]  # fmt: skip
                 cands = cands[:3] if smoke else cands
                 if ci:
                     cands = winners.get(name, [])

@@ -254,6 +254,12 @@ MOSAIC_CASES = {
                        da.MosaicConfig(num_splits=3)),
     "int8_page128_gqa64": ("int8", 128, 2, 64, 128, [255, 0], jnp.bfloat16,
                            da.MosaicConfig(num_splits=1)),
+    # several pages per step: vLLM's 16-token pages (four a step), and wider steps
+    "int8_page16": ("int8", 8, 2, 64, 16, [200, 37], jnp.bfloat16, da.MosaicConfig()),
+    "fp8_page32_block128": ("fp8", 8, 2, 64, 32, [129, 256], jnp.bfloat16,
+                            da.MosaicConfig(block_tokens=128, num_splits=1)),
+    "float_page64_block128": ("float", 4, 2, 64, 64, [200, 65], jnp.float16,
+                              da.MosaicConfig(block_tokens=128, num_splits=2)),
 }  # fmt: skip
 
 
@@ -261,7 +267,8 @@ MOSAIC_CASES = {
 def test_mosaic_interpret_matches_reference(name):
     """The Mosaic GPU path in the Mosaic GPU interpreter (TMA pages through barriers, wgmma
     from shared memory): a partial last page, an empty sequence, one and several splits, a
-    split with no pages, 64 query heads per KV head, f16 and bf16 queries."""
+    split with no pages, 64 query heads per KV head, f16 and bf16 queries, several pages per
+    step (a step past the last page reloads it, masked)."""
     kind, h, hkv, d, page, lengths, dtype, cfg = MOSAIC_CASES[name]
     k, v, tables, _ = make(kind, s=256, hkv=hkv, d=d, page=page)
     if kind == "float":
@@ -284,33 +291,39 @@ def test_mosaic_interpret_matches_reference(name):
 def test_mosaic_agrees_with_triton_on_shuffled_pages():
     """Pages in any order in the pool, and garbage table entries past a sequence's last page:
     the Mosaic GPU path reads pages through the table exactly as the Triton kernel does."""
-    k, v, tables, _ = make("int8", s=256, page=64)
-    perm = jax.random.permutation(jax.random.key(3), k.codes.shape[0])
-    shuffle = lambda p: jax.tree.map(lambda a: a[perm], p)
-    k, v, tables = shuffle(k), shuffle(v), jnp.argsort(perm)[tables]
-    tables = tables.at[0, 2:].set(10_000)  # 100 tokens: pages 0 and 1 only
-    q = jax.random.normal(jax.random.key(4), (2, 8, 64), jnp.bfloat16)
-    lengths = jnp.array([100, 256], jnp.int32)
-    cfg = da.MosaicConfig(num_splits=2)
-    out, lse = da.decode_attention(q, k, v, lengths, tables, config=cfg, interpret=True)
-    tri, tri_lse = da.decode_attention(q, k, v, lengths, tables, interpret=True)
-    assert _max_err(out, tri) < 1e-2 and _max_err(lse, tri_lse) < 1e-3
+    for page, garbage_from in ((64, 2), (16, 7)):  # 100 tokens: 2 pages of 64, 7 of 16
+        k, v, tables, _ = make("int8", s=256, page=page)
+        perm = jax.random.permutation(jax.random.key(3), k.codes.shape[0])
+        shuffle = lambda p, perm=perm: jax.tree.map(lambda a: a[perm], p)
+        k, v, tables = shuffle(k), shuffle(v), jnp.argsort(perm)[tables]
+        tables = tables.at[0, garbage_from:].set(10_000)
+        q = jax.random.normal(jax.random.key(4), (2, 8, 64), jnp.bfloat16)
+        lengths = jnp.array([100, 256], jnp.int32)
+        cfg = da.MosaicConfig(num_splits=2)
+        out, lse = da.decode_attention(q, k, v, lengths, tables, config=cfg, interpret=True)
+        tri, tri_lse = da.decode_attention(q, k, v, lengths, tables, interpret=True)
+        assert _max_err(out, tri) < 1e-2 and _max_err(lse, tri_lse) < 1e-3, page
 
 
 @pytest.mark.parametrize(
-    "kind, q_dtype, page, d", [("int8", jnp.bfloat16, 64, 128), ("fp8", jnp.bfloat16, 128, 64),
-                               ("fp8", jnp.float16, 64, 256), ("float", jnp.bfloat16, 64, 128)],
-    ids=["int8", "fp8_page128", "fp8_f16_d256", "float"],
+    "kind, q_dtype, page, d, block", [("int8", jnp.bfloat16, 64, 128, None),
+                                      ("fp8", jnp.bfloat16, 128, 64, None),
+                                      ("fp8", jnp.float16, 64, 256, None),
+                                      ("float", jnp.bfloat16, 64, 128, None),
+                                      ("int8", jnp.bfloat16, 16, 128, None),
+                                      ("fp8", jnp.bfloat16, 32, 64, 128)],
+    ids=["int8", "fp8_page128", "fp8_f16_d256", "float", "int8_page16", "fp8_page32_block128"],
 )  # fmt: skip
-def test_mosaic_lowers_for_cuda(kind, q_dtype, page, d):
+def test_mosaic_lowers_for_cuda(kind, q_dtype, page, d, block):
     """Lowering runs Mosaic GPU's own checks (layouts, conversions the hardware has, shared
-    memory), so these would fail here rather than on the first H100 call."""
+    memory, TMA into a slot's rows for several pages a step), so these would fail here rather
+    than on the first H100 call."""
     k, v, tables, _ = make(kind, s=256, d=d, page=page)
     if kind == "float":
         k, v = (dataclasses.replace(p, codes=p.codes.astype(q_dtype)) for p in (k, v))
     q = jnp.ones((2, 8, d), q_dtype)
     text = common.lower_for_cuda(
-        lambda *a: da.decode_attention(*a, config=da.MosaicConfig()), q, k, v,
+        lambda *a: da.decode_attention(*a, config=da.MosaicConfig(block_tokens=block)), q, k, v,
         jnp.array([5, 9]), tables,
     )  # fmt: skip
     assert common.MOSAIC_GPU_CUSTOM_CALL in text and common.TRITON_CUSTOM_CALL not in text
@@ -340,7 +353,7 @@ def test_mosaic_refuses_what_it_does_not_cover(monkeypatch):
     for kind, options, reason in (
         ("int4", {}, "int8, fp8 or float pages"),
         ("int8", dict(groups=(32, None)), "one scale per token"),
-        ("int8", dict(page=32), "64, 128 or 256 tokens"),
+        ("int8", dict(page=8), "power of two >= 16 tokens"),
         ("int8", dict(d=32), "multiple of 64"),
     ):
         k, v, tables, _ = make(kind, **options)
@@ -350,6 +363,9 @@ def test_mosaic_refuses_what_it_does_not_cover(monkeypatch):
             da.decode_attention(qq, k, v, lengths, tables, config=cfg, interpret=True)
     k, v, tables, _ = make("int8", s=256, page=64)
     assert da.mosaic_unsupported(q, k, v) is None
+    wide, wv, _, _ = make("int8", s=256, page=128)
+    assert "dividing the step of 64" in da.mosaic_unsupported(q, wide, wv, da.MosaicConfig(
+        block_tokens=64))  # fmt: skip
     with pytest.raises(ValueError, match="bf16 or f16"):
         da.decode_attention(q.astype(jnp.float32), k, v, lengths, tables, config=cfg)
     big, bv, bt, _ = make("int8", s=512, d=128, page=128)  # 4 pages per sequence
@@ -357,7 +373,7 @@ def test_mosaic_refuses_what_it_does_not_cover(monkeypatch):
     with pytest.raises(ValueError, match=r"max_concurrent_steps=4 needs .* shared memory"):
         da.decode_attention(jnp.ones((2, 8, 128), jnp.bfloat16), big, bv, lengths, bt,
                             config=too_deep, interpret=True)  # fmt: skip
-    for bad in (dict(num_splits=0), dict(max_concurrent_steps=1)):
+    for bad in (dict(num_splits=0), dict(max_concurrent_steps=1), dict(block_tokens=32)):
         with pytest.raises(ValueError, match="MosaicConfig"):
             da.MosaicConfig(**bad)
     monkeypatch.setattr(common, "gpu_compute_capability", lambda: (8, 0))  # an A100
