@@ -167,17 +167,26 @@ class TuningConfig:
 
     Attributes:
       num_splits: programs per (sequence, KV head) along the sequence; None: enough to give
-        the 132 SMs of an H100 about two programs each (at most one page per split).
+        the 132 SMs of an H100 about two programs each (at most one loop step per split).
       num_warps, num_stages: Triton launch parameters.
+      pages_per_step: pages one loop step reads (independent loads in flight, one online-
+        softmax update); None: enough pages for 64 tokens (four of vLLM's 16-token pages).
     """
 
     num_splits: int | None = None
     num_warps: int = 4
     num_stages: int = 2
+    pages_per_step: int | None = None
 
     def __post_init__(self):
         if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"TuningConfig.num_splits must be >= 1, got {self.num_splits}")
+        if self.pages_per_step is not None and self.pages_per_step < 1:
+            raise ValueError(f"TuningConfig.pages_per_step must be >= 1, got {self.pages_per_step}")
+
+    def pages_per_loop_step(self, page: int) -> int:
+        """Pages each loop step reads (the default: enough for 64 tokens)."""
+        return self.pages_per_step or max(1, 64 // page)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -269,7 +278,7 @@ def _group_slices(d: int, groups: int, packed: bool):
     return [([(gi * gs, gs)], (gi * gs, gs)) for gi in range(groups)]
 
 
-def _kernel(*refs, layout, page, pages_per_split, head_dim, compute_dtype, precision):
+def _kernel(*refs, layout, page, per_step, steps_per_split, head_dim, compute_dtype, precision):
     k_kind, k_channel, k_off, v_kind, v_off, k_groups, v_groups = layout
     refs = list(refs)
     lengths_ref, tables_ref, q_ref, kc_ref = refs[:4]
@@ -285,8 +294,11 @@ def _kernel(*refs, layout, page, pages_per_split, head_dim, compute_dtype, preci
     d = head_dim
 
     length = lengths_ref[0]
-    first = pl.program_id(2) * pages_per_split
-    n = jnp.clip(pl.cdiv(length, page) - first, 0, pages_per_split)
+    first = pl.program_id(2) * steps_per_split  # this program's first loop step
+    n = jnp.clip(pl.cdiv(length, page * per_step) - first, 0, steps_per_split)
+    # The last page of the sequence, counted from this program's first: a step's pages past it
+    # read it again (masked), so table entries past the sequence are never read.
+    last = jnp.maximum(pl.cdiv(length, page) - 1 - first * per_step, 0)
     k_slices = _group_slices(d, k_groups, k_packed)
     v_slices = _group_slices(d, v_groups, v_packed)
     # The query's parts per key group, and their sums (for int4 key offsets).
@@ -306,10 +318,7 @@ def _kernel(*refs, layout, page, pages_per_split, head_dim, compute_dtype, preci
     def token_row(ref, p, gi):  # one scale/offset per token of page p, group gi: (1, page)
         return ref[p, :, gi].astype(jnp.float32)[None, :]
 
-    def body(i, carry):
-        acc, m_prev, l_prev = carry
-        p = tables_ref[i]
-        # Scores (bh, page), one product per key channel group and part.
+    def scores(i, u, p):  # (bh, page): one product per key channel group and part
         s = 0.0
         for gi, (_, (bst, bsz)) in enumerate(k_slices):
             k_parts = _channel_parts(kc_ref[p, :, pl.ds(bst, bsz)], k_packed)
@@ -326,16 +335,12 @@ def _kernel(*refs, layout, page, pages_per_split, head_dim, compute_dtype, preci
                 if k_off:
                     sg = sg + q_sums[gi][:, None] * token_row(ko_ref, p, gi)
             s = s + sg
-        pos = (first + i) * page + jax.lax.broadcasted_iota(jnp.int32, (bh, page), 1)
-        s = jnp.where(pos < length, s, MASK_VALUE)
-        # Online softmax.
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        correction = jnp.exp(m_prev - m_next)
-        probs = jnp.exp(s - m_next[:, None])
-        l_next = l_prev * correction + jnp.sum(probs, axis=1)
-        # Values: per-token (and group) scales fold into the probabilities, offsets into one
-        # extra term per group.
-        outs = []
+        start = ((first + i) * per_step + u) * page
+        pos = start + jax.lax.broadcasted_iota(jnp.int32, (bh, page), 1)
+        return jnp.where(pos < length, s, MASK_VALUE)
+
+    def values(probs, p):  # per-token (and group) scales fold into the probabilities, offsets
+        outs = []  # into one extra term per group
         for gi, (_, (bst, bsz)) in enumerate(v_slices):
             probs_v = probs if v_kind == "float" else probs * token_row(vs_ref, p, gi)
             v_parts = _channel_parts(vc_ref[p, :, pl.ds(bst, bsz)], v_packed)
@@ -344,7 +349,18 @@ def _kernel(*refs, layout, page, pages_per_split, head_dim, compute_dtype, preci
                 bias = jnp.sum(probs * token_row(vo_ref, p, gi), axis=1)
                 og = [o + bias[:, None] for o in og]
             outs += og
-        acc = [a * correction[:, None] + o for a, o in zip(acc, outs, strict=True)]
+        return outs
+
+    def body(i, carry):  # the step's pages, then one online-softmax update over all of them
+        acc, m_prev, l_prev = carry
+        pages = [tables_ref[jnp.minimum(i * per_step + u, last)] for u in range(per_step)]
+        s = [scores(i, u, p) for u, p in enumerate(pages)]
+        m_next = functools.reduce(jnp.maximum, [jnp.max(su, axis=1) for su in s], m_prev)
+        correction = jnp.exp(m_prev - m_next)
+        probs = [jnp.exp(su - m_next[:, None]) for su in s]
+        l_next = l_prev * correction + sum(jnp.sum(pu, axis=1) for pu in probs)
+        outs = [values(pu, p) for pu, p in zip(probs, pages, strict=True)]
+        acc = [a * correction[:, None] + sum(parts) for a, *parts in zip(acc, *outs, strict=True)]
         return acc, m_next, l_next
 
     out_slices = [sl for parts, _ in v_slices for sl in parts]
@@ -673,7 +689,9 @@ def _triton_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: TuningC
     b, h, d = q.shape
     n_pages, page, hkv, _ = k.codes.shape
     bh = max(16, 1 << (h // hkv - 1).bit_length())
-    splits, pps, tables = _split_tables(cfg, block_tables, hkv)
+    per_step = cfg.pages_per_loop_step(page)
+    splits, per_split, tables = _split_tables(cfg, block_tables, hkv, per_step)
+    pps = per_split * per_step  # table entries per program
     tables = tables.reshape(b, splits, pps)
     compute = np.dtype(q.dtype)
     qs = _scaled_queries(q, hkv, bh, deinterleave=k.kind == "int4")
@@ -708,7 +726,8 @@ def _triton_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: TuningC
             _kernel,
             layout=layout,
             page=page,
-            pages_per_split=pps,
+            per_step=per_step,
+            steps_per_split=per_split,
             head_dim=d,
             compute_dtype=compute,
             precision=precision,
@@ -923,14 +942,16 @@ def can_use(q, k: Pages, v: Pages, *, backend: str | None = None, compute_capabi
 def tune_candidates(batch: int, hkv: int, pages: int) -> list[TuningConfig | MosaicConfig]:
     """Configs `--tune` tries (the default first, the Mosaic GPU default second, so a spent
     time budget still compares the two lowerings): split counts around the default's, Triton
-    launch parameters, and Mosaic GPU pipeline depths and step sizes. The benchmark drops
-    Mosaic GPU configs for pages that path does not read (:func:`mosaic_unsupported`)."""
+    launch parameters and pages per step, and Mosaic GPU pipeline depths and step sizes. The
+    benchmark drops Mosaic GPU configs for pages that path does not read
+    (:func:`mosaic_unsupported`)."""
     auto = _splits(TuningConfig(), batch, hkv, pages)
     splits = sorted({max(1, auto // 2), auto, 2 * auto, 4 * auto} & set(range(1, pages + 1)))
     out = [TuningConfig(), MosaicConfig()]
     for sp in splits:
         for warps, stages in ((4, 2), (4, 3), (8, 2)):
             out.append(TuningConfig(num_splits=sp, num_warps=warps, num_stages=stages))
+        out.append(TuningConfig(num_splits=sp, pages_per_step=2))
         out += [MosaicConfig(num_splits=sp, max_concurrent_steps=st) for st in (2, 4)]
         out.append(MosaicConfig(num_splits=sp, block_tokens=128))
     return list(dict.fromkeys(out))

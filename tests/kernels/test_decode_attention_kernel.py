@@ -102,13 +102,17 @@ def test_channel_groups_match_reference(name):
         assert err <= jnp.abs(da.dequantize(whole).reshape(x.shape) - x).max()
 
 
-@pytest.mark.parametrize("splits", [1, 3, 16])
-def test_split_counts_agree(splits):
-    """One, an uneven number, and more splits than pages (empty splits are merged away)."""
+@pytest.mark.parametrize(
+    "splits, per_step", [(1, 1), (3, 1), (16, 1), (1, 3), (2, 2), (3, None), (1, 8)]
+)
+def test_split_counts_and_pages_per_step_agree(splits, per_step):
+    """One, an uneven number, and more splits than steps (empty splits are merged away); one
+    page a step, several (the default: four of 16 tokens), a number that leaves the last step
+    part past the table (3), and all eight pages in one step."""
     k, v, tables, _ = make("int8", page=16)  # 8 pages per sequence
     q = jax.random.normal(jax.random.key(1), (2, 8, 64))
     lengths = jnp.array([128, 50], jnp.int32)
-    cfg = da.TuningConfig(num_splits=splits)
+    cfg = da.TuningConfig(num_splits=splits, pages_per_step=per_step)
     out, _ = da.decode_attention(q, k, v, lengths, tables, config=cfg, interpret=True)
     ref, _ = da.reference(q, k, v, lengths, tables)
     assert _max_err(out, ref) < 2e-5
@@ -126,10 +130,12 @@ def test_paged_tables_in_any_order():
     out, _ = da.decode_attention(q, k, v, lengths, tables, interpret=True)
     out2, _ = da.decode_attention(q, k2, v2, lengths, tables2, interpret=True)
     np.testing.assert_allclose(out2, out, atol=1e-6)
-    # Table entries past a sequence's last page are never read: garbage there changes nothing.
+    # Table entries past a sequence's last page are never read: garbage there changes nothing,
+    # with one page a loop step or several (the last step's pages past the sequence).
     tables3 = tables2.at[0, 5:].set(10_000)  # 77 tokens: pages 0..4
-    out3, _ = da.decode_attention(q, k2, v2, lengths, tables3, interpret=True)
-    np.testing.assert_allclose(out3[0], out[0], atol=1e-6)
+    for cfg in (da.TuningConfig(pages_per_step=1), da.TuningConfig()):
+        out3, _ = da.decode_attention(q, k2, v2, lengths, tables3, config=cfg, interpret=True)
+        np.testing.assert_allclose(out3[0], out[0], atol=1e-6)
 
 
 def test_zero_length_gives_zeros_and_merges_away():
@@ -239,6 +245,8 @@ def test_bad_input_names_the_argument():
         da.decode_attention(q, odd, i4v, jnp.array([1, 1]), i4t, interpret=True)
     with pytest.raises(ValueError, match="num_splits"):
         da.TuningConfig(num_splits=0)
+    with pytest.raises(ValueError, match="pages_per_step"):
+        da.TuningConfig(pages_per_step=0)
     with pytest.raises(ValueError, match="multiple of `page`"):
         da.contiguous_tables(k.codes.reshape(2, 128, 2, 64)[:, :100], None, None, "float", page=32)
 
