@@ -946,7 +946,9 @@ def tune_candidates(batch: int, hkv: int, pages: int) -> list[TuningConfig | Mos
     benchmark drops Mosaic GPU configs for pages that path does not read
     (:func:`mosaic_unsupported`)."""
     auto = _splits(TuningConfig(), batch, hkv, pages)
-    splits = sorted({max(1, auto // 2), auto, 2 * auto, 4 * auto} & set(range(1, pages + 1)))
+    # the default's split count first: a sweep cut short by its time budget has tried it
+    splits = [sp for sp in dict.fromkeys((auto, 2 * auto, max(1, auto // 2), 4 * auto))
+              if sp <= pages]  # fmt: skip
     out = [TuningConfig(), MosaicConfig()]
     for sp in splits:
         for warps, stages in ((4, 2), (4, 3), (8, 2)):

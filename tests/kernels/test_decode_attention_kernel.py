@@ -354,6 +354,16 @@ def test_mosaic_benchmark_configs_fit_in_shared_memory():
                 common.lower_for_cuda(fn, q, pages, pages, lengths, tables)
 
 
+def test_tune_candidates_try_both_lowerings_and_the_default_split_first():
+    cands = da.tune_candidates(8, 8, 256)  # the benchmark: 8 x 8 (sequence, KV head) pairs
+    assert cands[:2] == [da.TuningConfig(), da.MosaicConfig()]
+    auto = da._splits(da.TuningConfig(), 8, 8, 256)
+    assert {c.num_splits for c in cands[2:9]} == {auto}
+    assert len(set(cands)) == len(cands) and all(c.num_splits <= 256 for c in cands[2:])
+    assert any(isinstance(c, da.MosaicConfig) and c.block_tokens == 128 for c in cands)
+    assert any(isinstance(c, da.TuningConfig) and c.pages_per_step == 2 for c in cands)
+
+
 def test_mosaic_refuses_what_it_does_not_cover(monkeypatch):
     q = jnp.ones((2, 8, 64), jnp.bfloat16)
     lengths = jnp.array([5, 9])
