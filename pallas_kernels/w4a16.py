@@ -7,8 +7,9 @@ per output channel), and bf16/f16 activations `x [M, K]`.
 The kernel works group by group: it unpacks one group of codes to 16 bits in registers, takes
 the exact integer-valued product with `x` on the tensor cores (float32 accumulation) and applies
 the group's scale to the `[bm, bn]` partial result, so the scale multiply costs `M*N*K/g`
-instead of `N*K`. Small M (decode, M <= 16) pads M to one 16-row tile and splits K across
-programs so that a GEMV fills the GPU; the partial sums are added by XLA.
+instead of `N*K`. Small M (decode, M <= 16) takes one 16-row tile (rows past M masked, not
+padded) and splits K across programs so that a GEMV fills the GPU; the partial sums, M rows of
+them, are added by XLA.
 
 Layout: the kernel reads the `QArray`'s own storage (4-bit codes packed two per byte along N,
 two's complement or with uint8 zero points; scales `[ceil(K/g), N]`): each step unpacks the low
@@ -277,11 +278,27 @@ def prepare(qarray) -> PackedWeight:
 
 
 def _kernel(
-    x_ref, codes_ref, scale_ref, *rest, bits, signed, qgroup, kg, num_groups, groups_per_split
+    x_ref,
+    codes_ref,
+    scale_ref,
+    *rest,
+    m,
+    planes,
+    bits,
+    signed,
+    qgroup,
+    kg,
+    num_groups,
+    groups_per_split,
 ):
     zero_ref = rest[0] if len(rest) == 2 else None
     o_ref = rest[-1]
-    bm, bn = o_ref.shape[-2:]
+    bm = x_ref.shape[0]
+    bn = codes_ref.shape[1] * (2 if bits == 4 else 1)
+    # Rows of `x` past M (a decode tile has 16 rows for one token) are not read: a masked load
+    # instead of padding `x` in XLA, and, with `planes`, not written either.
+    rows = pl.program_id(0) * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+    live = rows < m
     start = pl.program_id(2) * groups_per_split
     stop = jnp.minimum(start + groups_per_split, num_groups)
     act_dtype = x_ref.dtype
@@ -302,7 +319,7 @@ def _kernel(
 
     def body(gi, accs):
         srow = gi * kg // qgroup
-        xg = x_ref[:, pl.ds(gi * kg, kg)]  # (bm, kg)
+        xg = pltriton.load(x_ref.at[:, pl.ds(gi * kg, kg)], mask=live, other=0)  # (bm, kg)
         b = codes_ref[pl.ds(gi * kg, kg), :]  # (kg, bn/2) uint8 or (kg, bn)
         if bits == 4:
             lo, hi = b & 0xF, b >> 4
@@ -320,8 +337,12 @@ def _kernel(
     width = bn // len(cols)
     init = tuple(jnp.zeros((bm, width), jnp.float32) for _ in cols)
     accs = jax.lax.fori_loop(start, stop, body, init)
-    for acc, c in zip(accs, cols, strict=True):
-        o_ref[:, c] = acc.astype(o_ref.dtype)
+    for plane, (acc, c) in enumerate(zip(accs, cols, strict=True)):
+        if planes:  # even (or all) columns in plane 0, odd ones in plane 1: contiguous rows
+            dst = o_ref.at[pl.ds(plane, 1)]
+            pltriton.store(dst, acc.astype(o_ref.dtype)[None], mask=live[None])
+        else:
+            o_ref[:, c] = acc.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "out_dtype"))
@@ -360,12 +381,11 @@ def matmul(
         return y.reshape(*lead, w.n)
     if w.n_padded % cfg.block_n:
         raise ValueError(f"block_n={cfg.block_n} must divide the padded N {w.n_padded}")
-    mp = common.round_up(m, cfg.block_m)
-    x2 = common.pad_axis(common.pad_axis(x2, 1, w.k_padded), 0, mp)
+    x2 = common.pad_axis(x2, 1, w.k_padded)  # a no-op for aligned weights
     split = min(cfg.split_k, w.num_groups)
     per_split = common.cdiv(w.num_groups, split)
     split = common.cdiv(w.num_groups, per_split)
-    grid = (mp // cfg.block_m, w.n_padded // cfg.block_n, split)
+    grid = (common.cdiv(m, cfg.block_m), w.n_padded // cfg.block_n, split)
     code_cols = cfg.block_n // 2 if w.bits == 4 else cfg.block_n
     srows = w.scale.shape[0]
     in_specs = [
@@ -377,10 +397,24 @@ def matmul(
     if w.zero is not None:
         in_specs.append(pl.BlockSpec((srows, cfg.block_n), lambda i, j, s: (0, j)))
         args.append(w.zero)
-    part_dtype = out_dtype if split == 1 else jnp.float32
+    # Split-K partial sums (decode) go to float32 planes of exactly M rows, even and odd
+    # columns apart so that the masked stores are contiguous; XLA adds the splits and
+    # interleaves the planes in one fusion. A single split writes the tile in place (rows past
+    # M are zeros, sliced off).
+    planes = split > 1
+    n_planes = 2 if w.bits == 4 else 1
+    if planes:
+        width = cfg.block_n // n_planes
+        out_spec = pl.BlockSpec((None, n_planes, cfg.block_m, width), lambda i, j, s: (s, 0, i, j))
+        out_shape = (split, n_planes, m, w.n_padded // n_planes)
+    else:
+        out_spec = pl.BlockSpec((None, cfg.block_m, cfg.block_n), lambda i, j, s: (s, i, j))
+        out_shape = (split, common.round_up(m, cfg.block_m), w.n_padded)
     out = pl.pallas_call(
         functools.partial(
             _kernel,
+            m=m,
+            planes=planes,
             bits=w.bits,
             signed=w.signed,
             qgroup=w.qgroup,
@@ -390,14 +424,15 @@ def matmul(
         ),
         grid=grid,
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, cfg.block_m, cfg.block_n), lambda i, j, s: (s, i, j)),
-        out_shape=jax.ShapeDtypeStruct((split, mp, w.n_padded), part_dtype),
+        out_specs=out_spec,
+        out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32 if planes else out_dtype),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"w{w.bits}a16_g{w.qgroup}",
     )(*args)
-    y = out[0] if split == 1 else out.sum(axis=0)
-    return y[:m, : w.n].astype(out_dtype).reshape(*lead, w.n)
+    # Planes: add the splits and interleave the planes, [plane, M, N/2] -> [M, N].
+    y = jnp.moveaxis(out.sum(axis=0), 0, -1).reshape(m, w.n_padded) if planes else out[0, :m]
+    return y[:, : w.n].astype(out_dtype).reshape(*lead, w.n)
 
 
 def _mosaic_tile_k(w: PackedWeight) -> int | None:

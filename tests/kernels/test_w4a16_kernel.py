@@ -217,6 +217,18 @@ def test_lowers_for_cuda(name):
 
 
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "zero_points"])
+def test_decode_touches_only_the_real_rows(sym):
+    """One token (M = 1) on a 16-row tile: `x` is not padded in XLA (masked loads), and the
+    split-K partial sums have one row, not 16 (masked stores); XLA then only adds them."""
+    pw = w4a16.prepare(_qweight(2048, 1024, "int4", 128, sym, scale_dtype="bfloat16"))
+    x = jax.ShapeDtypeStruct((1, 2048), jnp.bfloat16)
+    cfg = w4a16.TuningConfig(block_m=16, block_n=128, split_k=4)
+    text = common.lower_for_cuda(functools.partial(w4a16.matmul, config=cfg), x, pw)
+    assert "stablehlo.pad" not in text
+    assert "tensor<4x2x1x512xf32>" in text  # (splits, even/odd planes, M, N / 2)
+
+
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "zero_points"])
 def test_mosaic_lowers_for_cuda(sym):
     pw = w4a16.prepare(_qweight(4096, 1024, "int4", 128, sym, scale_dtype="bfloat16"))
     x = jax.ShapeDtypeStruct((256, 4096), jnp.bfloat16)
