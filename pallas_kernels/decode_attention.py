@@ -598,17 +598,19 @@ def _mosaic_kernel(
         ml_s[0] = m
         ml_s[1] = total
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_s, o_g.at[b, j, split])
-        plgpu.copy_smem_to_gmem(ml_s.at[0], m_g.at[b, j, split])
-        plgpu.copy_smem_to_gmem(ml_s.at[1], l_g.at[b, j, split])
+        out = o_g.shape[-2]  # only the rows of real query heads (rounded up to 8) are written
+        plgpu.copy_smem_to_gmem(o_s.at[pl.ds(0, out)], o_g.at[b, j, split])
+        plgpu.copy_smem_to_gmem(ml_s.at[0, pl.ds(0, out)], m_g.at[b, j, split])
+        plgpu.copy_smem_to_gmem(ml_s.at[1, pl.ds(0, out)], l_g.at[b, j, split])
         plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(store, plgpu.SMEM((rows, d), jnp.float32), plgpu.SMEM((2, rows), jnp.float32))
 
 
 def _mosaic_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: MosaicConfig, interpret):
-    """The Mosaic GPU path: per-program partial outputs ``(B, Hkv, splits, 64, D)`` with their
-    running max and sum, merged by :func:`_finish` as the Triton kernel's."""
+    """The Mosaic GPU path: per-program partial outputs ``(B, Hkv, splits, rows, D)`` (rows:
+    the ``G`` query heads rounded up to 8) with their running max and sum, merged by
+    :func:`_finish` as the Triton kernel's."""
     reason = mosaic_unsupported(q, k, v, cfg)
     if reason:
         raise ValueError(
@@ -616,7 +618,7 @@ def _mosaic_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: MosaicC
             "these pages."
         )
     common.require_hopper_for_mosaic(interpret)
-    b, _, d = q.shape
+    b, h, d = q.shape
     n_pages, page, hkv, _ = k.codes.shape
     rows, block = _MOSAIC_ROWS, cfg.block(page)
     splits, per_split, tables = _split_tables(cfg, block_tables, hkv, block // page)
@@ -647,10 +649,12 @@ def _mosaic_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: MosaicC
         d=d,
         steps=steps,
     )
+    # Partial results for the G real query heads only (8-row granules of shared memory).
+    out_rows = common.round_up(h // hkv, 8)
     partial = lambda *shape: jax.ShapeDtypeStruct((b, hkv, splits, *shape), jnp.float32)
     o, m, sums = plgpu.kernel(
         body,
-        out_type=[partial(rows, d), partial(rows), partial(rows)],
+        out_type=[partial(out_rows, d), partial(out_rows), partial(out_rows)],
         grid=(b, hkv, splits),
         grid_names=("b", "h", "s"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
