@@ -145,6 +145,13 @@ def gpu_capability(backend=None, compute_capability=None, *, need=(8, 0)):
     return None if cc is None or tuple(cc) < tuple(need) else tuple(cc)
 
 
+def is_hopper(backend=None, compute_capability=None) -> bool:
+    """Whether `backend` (default: the current one) is a Hopper GPU (compute capability 9.x),
+    where the Mosaic GPU paths (`wgmma`) run."""
+    cc = gpu_capability(backend, compute_capability)
+    return cc is not None and cc[0] == 9
+
+
 @contextlib.contextmanager
 def abstract_cuda_device(device_kind: str = H100_DEVICE_KIND):
     """Context in which `jit(f).trace(...).lower(lowering_platforms=("cuda",))` works on a CPU.

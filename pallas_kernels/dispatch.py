@@ -83,9 +83,8 @@ def kernel_for(
     elif w4a16.supports_qarray(w) is None and w4a16.is_aligned(w) and w4a16.can_use(x, w, **kw):
         name = "w4a16"
     if name == "w4a16":
-        cc = common.gpu_capability(**kw)
         rows = x.size // max(x.shape[-1], 1)
-        if lowering == "mosaic" and cc is not None and cc[0] == 9 and rows > w4a16.SMALL_M:
+        if lowering == "mosaic" and common.is_hopper(**kw) and rows > w4a16.SMALL_M:
             packed = w if isinstance(w, w4a16.PackedWeight) else w4a16.prepare(w)  # free
             if w4a16.mosaic_unsupported(packed) is None:
                 return "w4a16-mosaic"

@@ -498,12 +498,8 @@ class QuantizedKVCache:
         kw = dict(backend=backend, compute_capability=compute_capability)
         if not da.can_use(q[:, 0], *pages[:2], **kw):
             return "xla"
-        hopper = common.gpu_capability(**kw)[0] == 9
-        if (
-            pallas_lowering() == "mosaic"
-            and hopper
-            and not da.mosaic_unsupported(q[:, 0], *pages[:2])
-        ):
+        mosaic = pallas_lowering() == "mosaic" and common.is_hopper(**kw)
+        if mosaic and not da.mosaic_unsupported(q[:, 0], *pages[:2]):
             return "kernel-mosaic"
         return "kernel"
 
