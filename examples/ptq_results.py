@@ -14,6 +14,8 @@ Usage:
   python examples/ptq_results.py --model smollm2 --methods rtn gptq awq --bits 4 3
   python examples/ptq_results.py --model smollm2 --methods w8a8-naive smoothquant-tensor \
       w8a8-token smoothquant      # W8A8 rows (see W8A8)
+  python examples/ptq_results.py --model smollm2 --methods rtn gptq gptq-damp0.1 \
+      gptq-act-order gptq-mse --bits 4   # settings across domains (see VARIANTS)
 """
 
 from __future__ import annotations
@@ -47,22 +49,32 @@ def load(model: str):
     return load_gguf(smollm2_path())
 
 
-def texts(model: str):
-    """(calibration text, its name, evaluation text, its name): held out from each other."""
+def texts(model: str, calib: str = "shakespeare"):
+    """``(calibration (name, text), evaluation (name, text), other (name, text) or None)``.
+
+    The evaluation text is held out from the calibration text. With `calib="default"` (smollm2
+    only) the calibration text is what `jqtz quantize` uses without `--calib`, the default corpus
+    (Python's documentation), and both evaluation texts are of other domains (Shakespeare and
+    TinyStories), as a user's own text would be.
+    """
     if model == "stories260k":
         train = (DATA / "tinystories_train_head.txt").read_text()
         return (
-            train[:100_000],
-            "tinystories_train_head[:100000]",
-            train[100_000:],
-            "tinystories_train_head[100000:]",
+            ("tinystories_train_head[:100000]", train[:100_000]),
+            ("tinystories_train_head[100000:]", train[100_000:]),
+            None,
         )
+    from jqtz.eval.corpus import default_corpus
+
     shakespeare = (DATA / "tinyshakespeare.txt").read_text()
+    held_out = ("tinyshakespeare[900000:]", shakespeare[900_000:])
+    if calib == "default":
+        stories = ("tinystories_train_head", (DATA / "tinystories_train_head.txt").read_text())
+        return ("default corpus (Python docs)", default_corpus()), held_out, stories
     return (
-        shakespeare[:900_000],
-        "tinyshakespeare[:900000]",
-        shakespeare[900_000:],
-        "tinyshakespeare[900000:]",
+        ("tinyshakespeare[:900000]", shakespeare[:900_000]),
+        held_out,
+        ("default corpus (Python docs)", default_corpus()),
     )
 
 
@@ -78,9 +90,30 @@ W8A8 = {
 }
 
 
+#: Rows with settings other than a method's defaults: (method, its options' fields, QuantSpec
+#: fields). For the calibration-domain question (REFERENCE §6): damping pulls GPTQ towards
+#: round-to-nearest, act-order changes which columns absorb the error, the clipping search and
+#: zero points change the grid itself (calibration-independent).
+VARIANTS = {
+    "gptq-damp0.1": ("gptq", {"percdamp": 0.1}, {}),
+    "gptq-act-order": ("gptq", {"act_order": True}, {}),
+    "gptq-mse": ("gptq", {}, {"clipping": "mse"}),
+    "gptq-asym": ("gptq", {}, {"symmetric": False}),
+    "rtn-asym": ("rtn", {}, {"symmetric": False}),
+}
+
+
 def recipe(method: str, bits: int, group_size: int):
+    import dataclasses
+
     from jqtz import QuantSpec
-    from jqtz.ptq import Recipe, SmoothQuantOptions, default_spec
+    from jqtz.ptq import GPTQOptions, Recipe, SmoothQuantOptions, default_spec
+
+    if method in VARIANTS:
+        base, options, spec_fields = VARIANTS[method]
+        spec = default_spec(base, bits=bits, group_size=group_size or None)
+        spec = dataclasses.replace(spec, **spec_fields)
+        return Recipe(method=base, spec=spec, options=GPTQOptions(**options) if options else None)
 
     if method in W8A8:
         base, weights, acts = W8A8[method]
@@ -100,7 +133,7 @@ def run_one(args) -> dict:
     from jqtz.ptq import calibration_tokens, llama_layout, quantize_model
 
     config, params, tok = load(args.model)
-    calib_text, calib_name, eval_text, eval_name = texts(args.model)
+    (calib_name, calib_text), (eval_name, eval_text), other = texts(args.model, args.calib)
     model = Llama(config)
 
     def apply(p, t):
@@ -118,24 +151,19 @@ def run_one(args) -> dict:
     seconds = time.perf_counter() - t0
     quantize_rss = _peak_rss()  # before evaluation, whose logits dominate otherwise
     windows = args.windows or None  # 0: all
-    r = perplexity(apply, params, tokenize(eval_text, tok), ctx=args.ctx, windows=windows)
-    other = None
-    if args.model == "smollm2":  # a second, unrelated domain (REFERENCE §6)
-        from jqtz.eval.corpus import default_corpus
-
-        other = perplexity(
-            apply, params, tokenize(default_corpus(), tok), ctx=args.ctx, windows=windows
-        ).ppl
+    ppl = lambda text: perplexity(apply, params, tokenize(text, tok), ctx=args.ctx, windows=windows)
+    r = ppl(eval_text)
     return {
         "method": args.method,
         "bits": args.bits,
         "ppl": r.ppl,
-        "ppl_other_domain": other,
+        "ppl_other_domain": other and ppl(other[1]).ppl,
         "seconds": seconds,
         "peak_rss": quantize_rss,
         "protocol": r.protocol,
         "calibration": calib_name,
         "evaluation": eval_name,
+        "other_evaluation": other and other[0],
     }
 
 
@@ -145,6 +173,13 @@ def main():
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq"])
     ap.add_argument("--bits", nargs="+", type=int, default=[4, 3])
     ap.add_argument("--group-size", type=int, default=128, help="0: per channel")
+    ap.add_argument(
+        "--calib",
+        choices=("shakespeare", "default"),
+        default="shakespeare",
+        help="smollm2's calibration text: held-out evaluation in its domain, or the default "
+        "corpus (what `jqtz quantize` uses without --calib) evaluated on two other domains",
+    )
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--ctx", type=int, default=512)
@@ -168,6 +203,8 @@ def main():
     common = [
         "--model",
         args.model,
+        "--calib",
+        args.calib,
         "--group-size",
         str(args.group_size),
         "--samples",
@@ -211,7 +248,7 @@ def print_table(rows: list[dict], args) -> None:
         f"\nmodel {args.model}; calibration {first['calibration']} "
         f"({args.samples} x {args.seq_len} tokens); evaluation {first['evaluation']}: "
         f"{first['protocol']}; group size {args.group_size or 'per channel'}"
-        + ("; other domain: the default corpus (Python docs), same protocol" * (len(keys) > 1))
+        + (f"; other domain: {first.get('other_evaluation')}, same protocol" * (len(keys) > 1))
         + "\n"
     )
     other = " other-domain ppl | its d / d(RTN) | its vs float32 |" if len(keys) > 1 else ""
