@@ -212,6 +212,11 @@ def _spec_from_args(args):
         name = f"int{bits}"
     if (method == "nf4" and name != "nf4") or (method == "fp8" and name != "fp8_e4m3"):
         raise UserError(f"`--method {method}` takes `--format {method}`, got `--format {fmt}`")
+    symmetric = args.symmetric
+    if symmetric is None:  # the method's own default (AWQ: zero points, as its reference)
+        from jqtz.ptq import default_spec
+
+        symmetric = default_spec(method).symmetric
     if args.group_size > 0:
         grain = {"granularity": "group", "group_size": args.group_size}
     else:
@@ -219,7 +224,7 @@ def _spec_from_args(args):
     try:
         return jqtz.QuantSpec(
             format=name,
-            symmetric=not args.asymmetric,
+            symmetric=symmetric,
             scale_dtype=args.scale_dtype,
             double_quant=args.double_quant,
             **grain,
@@ -683,7 +688,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--format", choices=("int", "nf4", "fp8"), help="code format (default: from --method)"
     )
-    q.add_argument("--asymmetric", action="store_true", help="min/max ranges with zero points")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument(
+        "--asymmetric",
+        dest="symmetric",
+        action="store_false",
+        default=None,
+        help="min/max ranges with zero points (default for awq)",
+    )
+    sym.add_argument(
+        "--symmetric",
+        dest="symmetric",
+        action="store_true",
+        default=None,
+        help="absmax ranges, no zero points (default for the other methods)",
+    )
     q.add_argument("--scale-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     q.add_argument("--double-quant", action="store_true", help="quantize the scales to 8 bits")
     q.add_argument("--out", required=True, help="output folder (new or empty)")

@@ -103,28 +103,23 @@ def test_generate_with_a_quantized_kv_cache(q4, capsys, kind):
         assert out["tokens"] == base["tokens"]
 
 
-def test_gptq_from_the_command_line(stories, tmp_path, capsys):
-    out = tmp_path / "gptq"
-    argv = [
-        "quantize",
-        stories,
-        "--method",
-        "gptq",
-        "--bits",
-        "4",
-        "--group-size",
-        "32",
-        "--samples",
-        "4",
-        "--seq-len",
-        "64",
-        "--out",
-        str(out),
-    ]
+@pytest.mark.parametrize(
+    "method, options, fmt",
+    [
+        ("gptq", [], "int4"),
+        ("awq", [], "uint4"),  # AWQ's own default: zero points, as in jqtz.ptq and its reference
+        ("awq", ["--symmetric"], "int4"),
+    ],
+)
+def test_calibrated_method_from_the_command_line(stories, tmp_path, capsys, method, options, fmt):
+    out = tmp_path / method
+    argv = ["quantize", stories, "--method", method, "--group-size", "32", *options]
+    argv += ["--samples", "4", "--seq-len", "64", "--out", str(out)]
     result = run_json(capsys, argv)
     layers = result["calibration"]["layers"]
-    assert len(layers) == 5 * 7 and all(r["method"] == "gptq" for r in layers)
-    assert (out / "jqtz.json").is_file()
+    assert len(layers) == 5 * 7 and all(r["method"] == method for r in layers)
+    info = run_json(capsys, ["inspect", str(out)])
+    assert {p["format"] for p in info["params"] if p["path"].endswith("/kernel")} == {fmt}
 
 
 # -- user errors -------------------------------------------------------------------------------
