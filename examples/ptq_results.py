@@ -2,7 +2,8 @@
 
 Each (method, bits) runs in its own process: calibrate and quantize with `jqtz.ptq`, then score
 perplexity on a held-out text. Reported per row: perplexity, d = ppl - ppl(float32), d / d(RTN)
-at the same bits (the issue's targets: GPTQ and AWQ <= 0.6 at W4, GPTQ <= 0.35 at W3), the
+against the `--baseline` row at the same bits (the issue's targets: GPTQ and AWQ <= 0.6 at W4,
+GPTQ <= 0.35 at W3, measured against symmetric RTN with symmetric GPTQ), the
 quantization time and the process's peak resident memory (VmHWM) up to the end of quantization
 (loading the model included, evaluation excluded).
 
@@ -11,11 +12,13 @@ calibration domain (REFERENCE §6), so say which domain each uses.
 
 Usage:
   python examples/ptq_results.py --model stories260k --group-size 32 --samples 32 --seq-len 256
-  python examples/ptq_results.py --model smollm2 --methods rtn gptq awq --bits 4 3
+  python examples/ptq_results.py --model smollm2 --methods rtn-sym gptq-sym awq --bits 4 3 \
+      --baseline rtn-sym
   python examples/ptq_results.py --model smollm2 --methods w8a8-naive smoothquant-tensor \
       w8a8-token smoothquant      # W8A8 rows (see W8A8)
-  python examples/ptq_results.py --model smollm2 --methods rtn gptq gptq-damp0.1 \
-      gptq-act-order gptq-mse --bits 4   # settings across domains (see VARIANTS)
+  python examples/ptq_results.py --model smollm2 --methods rtn-sym gptq-sym gptq-sym-damp0.1 \
+      gptq-sym-act-order gptq-sym-mse rtn-asym gptq-asym --bits 4 --baseline rtn-sym
+  python examples/ptq_results.py --model smollm2 --calib default --methods rtn gptq awq --bits 4
 """
 
 from __future__ import annotations
@@ -90,16 +93,19 @@ W8A8 = {
 }
 
 
-#: Rows with settings other than a method's defaults: (method, its options' fields, QuantSpec
-#: fields). For the calibration-domain question (REFERENCE §6): damping pulls GPTQ towards
-#: round-to-nearest, act-order changes which columns absorb the error, the clipping search and
-#: zero points change the grid itself (calibration-independent).
+#: Rows whose settings are pinned, whatever the library's defaults: (method, its options'
+#: fields, QuantSpec fields). `-sym`: symmetric codes; `-asym`: zero points (jqtz's default
+#: below 8 bits). For the calibration-domain question (REFERENCE §6): damping pulls GPTQ
+#: towards round-to-nearest, act-order changes which columns absorb the error, the clipping
+#: search and zero points change the grid itself.
 VARIANTS = {
-    "gptq-damp0.1": ("gptq", {"percdamp": 0.1}, {}),
-    "gptq-act-order": ("gptq", {"act_order": True}, {}),
-    "gptq-mse": ("gptq", {}, {"clipping": "mse"}),
-    "gptq-asym": ("gptq", {}, {"symmetric": False}),
+    "rtn-sym": ("rtn", {}, {"symmetric": True}),
     "rtn-asym": ("rtn", {}, {"symmetric": False}),
+    "gptq-sym": ("gptq", {}, {"symmetric": True}),
+    "gptq-asym": ("gptq", {}, {"symmetric": False}),
+    "gptq-sym-damp0.1": ("gptq", {"percdamp": 0.1}, {"symmetric": True}),
+    "gptq-sym-act-order": ("gptq", {"act_order": True}, {"symmetric": True}),
+    "gptq-sym-mse": ("gptq", {}, {"symmetric": True, "clipping": "mse"}),
 }
 
 
@@ -171,6 +177,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("stories260k", "smollm2"), default="stories260k")
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq"])
+    ap.add_argument("--baseline", default="rtn", help="the row d / d(RTN) divides by")
     ap.add_argument("--bits", nargs="+", type=int, default=[4, 3])
     ap.add_argument("--group-size", type=int, default=128, help="0: per channel")
     ap.add_argument(
@@ -237,9 +244,9 @@ def print_table(rows: list[dict], args) -> None:
     keys = ["ppl"] + (["ppl_other_domain"] if first.get("ppl_other_domain") else [])
 
     def gap(r, key):
-        """(d, d / d(RTN) at the same bits or "-", relative change) for perplexity `key`."""
+        """(d, d / d(baseline) at the same bits or "-", relative change) for perplexity `key`."""
         fp = first[key]
-        rtn = {x["bits"]: x[key] - fp for x in rows if x["method"] == "rtn"}
+        rtn = {x["bits"]: x[key] - fp for x in rows if x["method"] == args.baseline}
         d = r[key] - fp
         ratio = f"{d / rtn[r['bits']]:.2f}" if rtn.get(r["bits"], 0) > 0 else "-"
         return d, ratio, f"{100 * d / fp:+.2f}%"
@@ -251,8 +258,9 @@ def print_table(rows: list[dict], args) -> None:
         + (f"; other domain: {first.get('other_evaluation')}, same protocol" * (len(keys) > 1))
         + "\n"
     )
-    other = " other-domain ppl | its d / d(RTN) | its vs float32 |" if len(keys) > 1 else ""
-    print(f"| method | bits | perplexity | d | d / d(RTN) | vs float32 |{other} quantize time "
+    ratio = f"d / d({args.baseline})"
+    other = f" other-domain ppl | its {ratio} | its vs float32 |" if len(keys) > 1 else ""
+    print(f"| method | bits | perplexity | d | {ratio} | vs float32 |{other} quantize time "
           "| peak RSS |")  # fmt: skip
     print("|---|---|" + "---|---|---|---|" + "---|---|---|" * (len(keys) - 1) + "---|---|")
     for r in rows:

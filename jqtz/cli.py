@@ -213,10 +213,10 @@ def _spec_from_args(args):
     if (method == "nf4" and name != "nf4") or (method == "fp8" and name != "fp8_e4m3"):
         raise UserError(f"`--method {method}` takes `--format {method}`, got `--format {fmt}`")
     symmetric = args.symmetric
-    if symmetric is None:  # the method's own default (AWQ: zero points, as its reference)
+    if symmetric is None:  # jqtz.ptq's default: zero points for integers below 8 bits
         from jqtz.ptq import default_spec
 
-        symmetric = default_spec(method).symmetric
+        symmetric = not name.startswith("int") or default_spec(method, bits=bits).symmetric
     if args.group_size > 0:
         grain = {"granularity": "group", "group_size": args.group_size}
     else:
@@ -694,14 +694,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="symmetric",
         action="store_false",
         default=None,
-        help="min/max ranges with zero points (default for awq)",
+        help="min/max ranges with zero points (default below 8 bits, and for awq)",
     )
     sym.add_argument(
         "--symmetric",
         dest="symmetric",
         action="store_true",
         default=None,
-        help="absmax ranges, no zero points (default for the other methods)",
+        help="absmax ranges, no zero points (default at 8 bits)",
     )
     q.add_argument("--scale-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     q.add_argument("--double-quant", action="store_true", help="quantize the scales to 8 bits")

@@ -106,9 +106,9 @@ def test_generate_with_a_quantized_kv_cache(q4, capsys, kind):
 @pytest.mark.parametrize(
     "method, options, fmt",
     [
-        ("gptq", [], "int4"),
-        ("awq", [], "uint4"),  # AWQ's own default: zero points, as in jqtz.ptq and its reference
-        ("awq", ["--symmetric"], "int4"),
+        ("gptq", [], "uint4"),  # jqtz.ptq's default below 8 bits: zero points
+        ("gptq", ["--symmetric"], "int4"),
+        ("awq", [], "uint4"),
     ],
 )
 def test_calibrated_method_from_the_command_line(stories, tmp_path, capsys, method, options, fmt):

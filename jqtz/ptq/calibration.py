@@ -2,8 +2,8 @@
 
 As in GPTQ, each sample is a random window of `seq_len` consecutive tokens of the tokenized
 corpus (start positions from `numpy.random.default_rng(seed)`), so a long diverse text gives
-diverse samples. Small models overfit their calibration domain (REFERENCE §6): prefer a broad
-corpus (the default is Python's documentation prose) and say which one was used.
+diverse samples. GPTQ on small models fits its calibration domain (docs/ptq.md, "Choosing
+calibration text"): calibrate on text like the text the model will serve, and say which.
 
 Example:
   >>> import numpy as np

@@ -1,19 +1,25 @@
 """Recipes: one object that says how to quantize a model after training.
 
 A `Recipe` names the method, the `QuantSpec` of the linear layers (each method has a default
-faithful to its paper), optional `rules` that come first (mixed precision per layer, layers to
-keep), and the method's options. `quantize_model` runs it over a `ModelLayout` with
+faithful to its reference code), optional `rules` that come first (mixed precision per layer,
+layers to keep), and the method's options. `quantize_model` runs it over a `ModelLayout` with
 calibration data and returns the quantized parameters and a `PTQReport`.
 
 | method        | default spec                                     | calibration        |
 |---------------|--------------------------------------------------|--------------------|
-| `rtn`         | int4, groups of 128, symmetric, f16 scales       | none               |
+| `rtn`         | int4, groups of 128, zero points, f16 scales     | none               |
 | `nf4`         | NF4, groups of 64, double quantization           | none               |
-| `gptq`        | int4, groups of 128, symmetric, f16 scales       | X^T X per group    |
-| `awq`         | int4, groups of 128, asymmetric (zero points)    | scale + clip search|
+| `gptq`        | int4, groups of 128, zero points, f16 scales     | X^T X per group    |
+| `awq`         | int4, groups of 128, zero points, f16 scales     | scale + clip search|
 | `smoothquant` | W8A8: int8 per channel, int8 per-token dynamic   | per-channel max |x||
 | `llm_int8`    | int8 per channel, int8 activations, outliers >6.0 in float | none     |
 | `fp8`         | e4m3 per channel, per-token dynamic e4m3         | static: max |x|    |
+
+Integer weights below 8 bits get zero points (min/max ranges, `symmetric=False`), as the GPTQ
+and AWQ reference code quantize by default: a 4-bit symmetric grid has 15 levels and spends half
+of them on a side a skewed group does not reach. `examples/ptq_results.py` measures both
+(`rtn-asym`, `gptq-asym` rows; docs/results.md). 8-bit weights stay symmetric (AWQ's always
+have zero points); `default_spec(..., symmetric=True)` or a `Recipe(spec=...)` chooses.
 
 Example:
   >>> import jqtz
@@ -116,7 +122,15 @@ def default_spec(
     scale_dtype: str = "float16",
     options=None,
 ) -> QuantSpec:
-    """The spec a method uses unless the recipe gives one."""
+    """The spec a method uses unless the recipe gives one.
+
+    `symmetric=None`: zero points below 8 bits (and always for AWQ), symmetric at 8 bits.
+
+    Example:
+      >>> s = default_spec("gptq")
+      >>> s.format, s.group_size, s.symmetric, default_spec("rtn", bits=8).symmetric
+      ('int4', 128, False, True)
+    """
     if method not in METHODS:
         raise ValueError(f"unknown PTQ method {method!r}; expected one of {', '.join(METHODS)}")
     per_token = QuantSpec(format="int8", granularity="channel", axis=-1)
@@ -141,7 +155,7 @@ def default_spec(
 
         return fp8_spec(options.mode if options is not None else "dynamic-per-token")
     if symmetric is None:
-        symmetric = method != "awq"
+        symmetric = bits >= 8 and method != "awq"
     granularity = "group" if group_size else "channel"
     return QuantSpec(
         format=f"int{bits}",

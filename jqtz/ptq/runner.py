@@ -22,7 +22,7 @@ Example (RTN through the runner; calibration-based methods use the same call):
   >>> tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, 64)
   >>> q, report = quantize_model(params, llama_layout(config), tokens, Recipe(method="rtn"))
   >>> q["params"]["layers_1"]["mlp"]["down_proj"]["kernel"]
-  QArray(int4, shape=(64, 32), channel, scale=float16, dtype=float32)
+  QArray(uint4, shape=(64, 32), channel, scale=float16, dtype=float32)
 """
 
 from __future__ import annotations

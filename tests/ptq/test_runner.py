@@ -74,7 +74,8 @@ def test_recipe_rules_give_mixed_precision_and_keep_layers(llama):
     block = q["params"]["layers_0"]
     assert not isinstance(block["mlp"]["down_proj"]["kernel"], jqtz.QArray)
     assert block["self_attn"]["o_proj"]["kernel"].format.name == "int8"
-    assert block["mlp"]["up_proj"]["kernel"].format.name == "int4"
+    # the recipe's default: 4-bit codes with zero points
+    assert block["mlp"]["up_proj"]["kernel"].format.name == "uint4"
     assert q["params"]["lm_head"]["kernel"].format.name == "int8"
     assert any(r.path == "params/lm_head/kernel" for r in report.layers)
 
