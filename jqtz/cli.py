@@ -269,6 +269,13 @@ def _calibrated(model, args, spec):
         )
     if args.method in ("smoothquant", "llm_int8"):
         spec = None  # W8A8 specs of the method
+    if args.calib is None and args.method == "gptq":
+        print(
+            "note: calibrating GPTQ on the default corpus (Python's documentation). GPTQ fits "
+            "its calibration text and can lose to rtn on other text: pass --calib with text "
+            "like the model's use, or use --method awq (docs/ptq.md).",
+            file=sys.stderr,
+        )
     text = _load_text(args.calib)
     tokens = ptq.calibration_tokens(
         text, model.tokenizer, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed
@@ -317,7 +324,9 @@ def cmd_quantize(args) -> int:
     )
     memory = jqtz.memory_report(qparams)
     if args.json:
-        extra = {} if ptq_report is None else {"calibration": ptq_report.to_dict()}
+        extra = {}
+        if ptq_report is not None:
+            extra = {"calibration": ptq_report.to_dict(), "calibration_text": _calib_name(args)}
         _print_json(
             {
                 "out": str(out),
@@ -330,12 +339,16 @@ def cmd_quantize(args) -> int:
     else:
         if ptq_report is not None:
             print(ptq_report)
-            print()
+            print(f"calibrated on {args.samples} x {args.seq_len} tokens of {_calib_name(args)}\n")
         print(report)
         print()
         print(memory)
         print(f"\nsaved to {out}")
     return 0
+
+
+def _calib_name(args) -> str:
+    return args.calib or "the default corpus (Python's documentation)"
 
 
 def _mem(memory) -> dict:

@@ -114,8 +114,14 @@ def test_generate_with_a_quantized_kv_cache(q4, capsys, kind):
 def test_calibrated_method_from_the_command_line(stories, tmp_path, capsys, method, options, fmt):
     out = tmp_path / method
     argv = ["quantize", stories, "--method", method, "--group-size", "32", *options]
-    argv += ["--samples", "4", "--seq-len", "64", "--out", str(out)]
-    result = run_json(capsys, argv)
+    argv += ["--samples", "4", "--seq-len", "64", "--out", str(out), "--json"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["calibration_text"] == "the default corpus (Python's documentation)"
+    # GPTQ on text it was not calibrated for can lose to RTN: say so when no --calib is given
+    assert ("note: calibrating GPTQ on the default corpus" in captured.err) == (method == "gptq")
     layers = result["calibration"]["layers"]
     assert len(layers) == 5 * 7 and all(r["method"] == method for r in layers)
     info = run_json(capsys, ["inspect", str(out)])
