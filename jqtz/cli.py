@@ -310,6 +310,7 @@ def cmd_quantize(args) -> int:
     ptq_report = None
     if args.method in CALIBRATED:
         qparams, ptq_report, rules = _calibrated(model, args, spec)
+        spec = rules[0].spec  # smoothquant and llm_int8 bring their own W8A8 spec
     else:
         qparams = _quantize_tree(model.params, rules, quiet=args.json)
     report = jqtz.quantization_report(model.params, qparams, rules)

@@ -109,6 +109,7 @@ def test_generate_with_a_quantized_kv_cache(q4, capsys, kind):
         ("gptq", [], "uint4"),  # jqtz.ptq's default below 8 bits: zero points
         ("gptq", ["--symmetric"], "int4"),
         ("awq", [], "uint4"),
+        ("smoothquant", [], "int8"),
     ],
 )
 def test_calibrated_method_from_the_command_line(stories, tmp_path, capsys, method, options, fmt):
@@ -124,6 +125,7 @@ def test_calibrated_method_from_the_command_line(stories, tmp_path, capsys, meth
     assert ("note: calibrating GPTQ on the default corpus" in captured.err) == (method == "gptq")
     layers = result["calibration"]["layers"]
     assert len(layers) == 5 * 7 and all(r["method"] == method for r in layers)
+    assert result["spec"].startswith(f"QuantSpec(format='{fmt.lstrip('u')}'")
     info = run_json(capsys, ["inspect", str(out)])
     assert {p["format"] for p in info["params"] if p["path"].endswith("/kernel")} == {fmt}
 
