@@ -6,9 +6,11 @@ generates `--new` tokens after a `--prompt`-token prompt with `jqtz.models.llama
 (prefill, then a jitted `lax.scan` of one-token steps). Reported per configuration: decode
 tokens/s (batch x new tokens / time of the whole generate call minus a prefill-only call), the
 weight bytes, and which path the matrix products and the attention took (Pallas kernel or XLA).
-Quantized cases run with jqtz's Pallas kernels on and off (`jqtz.nn.use_pallas_kernels`), so
-the XLA path on the same weights and cache is measured in the same run, and the int8-cache cases
-also with the Mosaic GPU lowering preferred (`lowering="mosaic"`).
+W4A16 weights come symmetric (`w4a16`) and with zero points (`w4a16-zp`, jqtz's PTQ default
+below 8 bits). Quantized cases run with jqtz's Pallas kernels on and off
+(`jqtz.nn.use_pallas_kernels`), so the XLA path on the same weights and cache is measured in the
+same run, and the int8-cache cases also with the Mosaic GPU lowering preferred
+(`lowering="mosaic"`).
 
 On an NVIDIA GPU the W4A16 products go through `pallas_kernels.w4a16` and the int8 cache's
 attention through `pallas_kernels.decode_attention`; elsewhere everything is XLA, and the
@@ -22,6 +24,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import jax
@@ -70,9 +73,16 @@ def main(argv=None) -> int:
     prompt = jax.random.randint(jax.random.key(0), (args.batch, args.prompt), 0, cfg.vocab_size)
     params = jax.jit(model.init)(jax.random.key(1), prompt[:, :1])
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    rule = jqtz.Rule(r".*", jqtz.QuantSpec(format="int4", granularity="group", group_size=128,
-                                           scale_dtype="bfloat16"))  # fmt: skip
-    w4 = jqtz.quantize_params(params, [rule])
+    spec = jqtz.QuantSpec(
+        format="int4", granularity="group", group_size=128, scale_dtype="bfloat16"
+    )
+    weights = {  # symmetric codes, and with zero points (jqtz's PTQ default below 8 bits)
+        "bf16": params,
+        "w4a16": jqtz.quantize_params(params, [jqtz.Rule(r".*", spec)]),
+        "w4a16-zp": jqtz.quantize_params(
+            params, [jqtz.Rule(r".*", dataclasses.replace(spec, symmetric=False))]
+        ),
+    }
     print(common.bench_header(f"batch {args.batch}, prompt {args.prompt}, new {args.new}"))
     print(f"{'weights':>8} {'cache':>6} {'kernels':>7} {'weight MiB':>11} {'tokens/s':>9}  paths")
     # Each quantized case where a kernel could apply: Pallas kernels on ("on": Triton), off (the
@@ -80,9 +90,10 @@ def main(argv=None) -> int:
     # cache with the Mosaic GPU lowering preferred ("mosaic": its decode attention on a Hopper
     # GPU; the batch-1 products stay on Triton's GEMV).
     cases = [("bf16", "bf16", "on"), ("w4a16", "bf16", "on"), ("w4a16", "bf16", "off")]
+    cases += [("w4a16-zp", "bf16", "on")]
     cases += [(w, "int8", k) for w in ("bf16", "w4a16") for k in ("on", "mosaic", "off")]
     for name, cache, kernels in cases:
-        p = params if name == "bf16" else w4
+        p = weights[name]
         factory = {} if cache == "bf16" else {"cache_factory": quantized_cache_factory(cache)}
 
         def run(n, p=p, factory=factory):

@@ -204,6 +204,7 @@ def test_end_to_end_decode_bench_smoke(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if "matmul" in line]
     assert [r[:3] for r in rows] == [
         ["bf16", "bf16", "on"], ["w4a16", "bf16", "on"], ["w4a16", "bf16", "off"],
+        ["w4a16-zp", "bf16", "on"],
         ["bf16", "int8", "on"], ["bf16", "int8", "mosaic"], ["bf16", "int8", "off"],
         ["w4a16", "int8", "on"], ["w4a16", "int8", "mosaic"], ["w4a16", "int8", "off"],
     ]  # fmt: skip
