@@ -97,7 +97,8 @@ W8A8 = {
 #: fields, QuantSpec fields). `-sym`: symmetric codes; `-asym`: zero points (jqtz's default
 #: below 8 bits). For the calibration-domain question (REFERENCE §6): damping pulls GPTQ
 #: towards round-to-nearest, act-order changes which columns absorb the error, the clipping
-#: search and zero points change the grid itself.
+#: search and zero points change the grid itself, and static groups keep RTN's grid (ranges from
+#: the original weights), so GPTQ only changes the rounding.
 VARIANTS = {
     "rtn-sym": ("rtn", {}, {"symmetric": True}),
     "rtn-asym": ("rtn", {}, {"symmetric": False}),
@@ -106,6 +107,7 @@ VARIANTS = {
     "gptq-sym-damp0.1": ("gptq", {"percdamp": 0.1}, {"symmetric": True}),
     "gptq-sym-act-order": ("gptq", {"act_order": True}, {"symmetric": True}),
     "gptq-sym-mse": ("gptq", {}, {"symmetric": True, "clipping": "mse"}),
+    "gptq-asym-static": ("gptq", {"static_groups": True}, {"symmetric": False}),
 }
 
 
