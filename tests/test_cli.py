@@ -182,6 +182,13 @@ def test_argparse_errors_exit_2():
     assert info.value.code == 2
 
 
+def test_symmetric_and_asymmetric_together_is_an_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(["quantize", "m", "--out", str(tmp_path / "o"), "--symmetric", "--asymmetric"])
+    assert info.value.code == 2
+    assert "--asymmetric: not allowed with argument --symmetric" in capsys.readouterr().err
+
+
 # -- real models (slow) ------------------------------------------------------------------------
 
 
