@@ -9,9 +9,8 @@ the caller keeps its XLA path:
         y = <the XLA product>
 
 Only contractions of the last axis of `x` with axis 0 of a 2-D weight `[K, N]` are offered
-(what flax `Dense`/`nnx.Linear` do). Weights whose K or N is not aligned to the kernel's tiles
-would need a copy on every call; `prepare_weight` makes that copy once at load time, and
-`maybe_matmul` accepts its result as well as a `QArray`.
+(what flax `Dense`/`nnx.Linear` do). The kernels read the `QArray`'s arrays in place, whatever
+K and N are, so a quantized tree needs no conversion before serving.
 
 Example:
   >>> import jax, jax.numpy as jnp, jqtz
@@ -30,17 +29,6 @@ import jax.numpy as jnp
 from pallas_kernels import common, w4a16, w8a8
 
 _W8A8_CODES = {"int8": jnp.int8, "fp8_e4m3": jnp.float8_e4m3fn}
-
-
-def prepare_weight(qarray):
-    """The kernel layout of `qarray` (a `w4a16.PackedWeight`), or `qarray` unchanged.
-
-    Call once at load time, e.g. `jax.tree.map(prepare_weight, params, is_leaf=is_qarray)`, for
-    weights whose shapes are not aligned; aligned ones need nothing (`w4a16.is_aligned`).
-    """
-    if w4a16.supports_qarray(qarray) is None:
-        return w4a16.prepare(qarray)
-    return qarray
 
 
 def _w8a8_codes(w):
@@ -77,18 +65,15 @@ def kernel_for(
     "w4a16-mosaic" for the Mosaic GPU W4A16 path), or None for XLA."""
     backend = backend or jax.default_backend()
     kw = dict(backend=backend, compute_capability=compute_capability)
-    name = None
-    if isinstance(w, w4a16.PackedWeight):
-        name = "w4a16" if w4a16.can_use(x, w, **kw) else None
-    elif w4a16.supports_qarray(w) is None and w4a16.is_aligned(w) and w4a16.can_use(x, w, **kw):
-        name = "w4a16"
-    if name == "w4a16":
+    if w4a16.can_use(x, w, **kw):
         rows = x.size // max(x.shape[-1], 1)
         if lowering == "mosaic" and common.is_hopper(**kw) and rows > w4a16.SMALL_M:
-            packed = w if isinstance(w, w4a16.PackedWeight) else w4a16.prepare(w)  # free
-            if w4a16.mosaic_unsupported(packed) is None:
+            packed = w if isinstance(w, w4a16.PackedWeight) else w4a16.prepare(w)
+            # Weights the Mosaic path would copy on every call stay on Triton, which reads them
+            # in place.
+            if w4a16.mosaic_unsupported(packed) is None and not w4a16.mosaic_pads(packed):
                 return "w4a16-mosaic"
-        return name
+        return "w4a16"
     codes = _w8a8_codes(w)
     if codes is not None and x.ndim >= 1 and jnp.issubdtype(x.dtype, jnp.floating):
         probe = jax.ShapeDtypeStruct(x.shape, codes)

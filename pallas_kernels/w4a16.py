@@ -11,12 +11,13 @@ instead of `N*K`. Small M (decode, M <= 16) takes one 16-row tile (rows past M m
 padded) and splits K across programs so that a GEMV fills the GPU; the partial sums, M rows of
 them, are added by XLA.
 
-Layout: the kernel reads the `QArray`'s own storage (4-bit codes packed two per byte along N,
-two's complement or with uint8 zero points; scales `[ceil(K/g), N]`): each step unpacks the low
-and high nibbles into two half-width products that land on the even and odd output columns.
-`prepare` is free when K is a multiple of the kernel group `kg` (128, 64 or 32, dividing `g`)
-and N of 128; otherwise it pads once (call it at load time). Act-order permutations are applied
-to `x` (a gather of the activations) instead of the weight.
+Layout: the kernel reads the `QArray`'s own storage in place, for every shape (4-bit codes
+packed two per byte along N, two's complement or with uint8 zero points; scales
+`[ceil(K/g), N]`): each step unpacks the low and high nibbles into two half-width products that
+land on the even and odd output columns. K need not be a multiple of the kernel group `kg`
+(128, 64 or 32, dividing `g`) nor N of the tile: the last step's rows and the last tile's
+columns are masked loads, so `prepare` never copies the codes. Act-order permutations are
+applied to `x` (a gather of the activations) instead of the weight.
 
 Two lowerings, chosen by the config's type: `TuningConfig` runs the kernel above through Pallas
 Triton (the default, every format); `MosaicConfig` runs a Hopper Mosaic GPU version for M >= 64
@@ -24,7 +25,9 @@ and 4-bit codes in groups of a multiple of 64: TMA brings `x` and the codes (the
 read as XLA's int4/uint4 arrays, same nibble order) into shared memory, each step dequantizes a
 code tile to 16 bits in registers (zero point, then the group's scale: one rounding per weight,
 as XLA's path) into one of two shared-memory buffers, and `wgmma` multiplies from shared memory
-while the next tile is dequantized. The benchmark suite sweeps both.
+while the next tile is dequantized. It needs K and N in whole tiles and pads other weights on
+every call (`mosaic_pads`), so the serving path sends those to Triton. The benchmark suite
+sweeps both.
 
 Example:
   >>> import jax, jax.numpy as jnp, jqtz
@@ -57,7 +60,6 @@ from pallas_kernels import common
 _KERNEL_GROUPS = (128, 64, 32)
 _ACT_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 _SCALE_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
-_N_ALIGN = 128
 #: Largest M that takes the decode (split-K, 16-row tile) path.
 SMALL_M = 16
 
@@ -68,7 +70,7 @@ class TuningConfig:
 
     Attributes:
       block_m: rows of `x` per program (16 for decode; 64 or 128 for prefill).
-      block_n: output columns per program (64 or 128; must divide the padded N).
+      block_n: output columns per program (64, 128 or 256; a last tile past N is masked).
       split_k: programs that share one output tile along K (partial sums added by XLA).
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining depth.
@@ -105,7 +107,8 @@ class MosaicConfig:
 
     Attributes:
       tile_m: rows per output tile, a multiple of 64 (the `wgmma` M).
-      tile_n: columns per output tile, a multiple of 8 up to 256 that divides the padded N.
+      tile_n: columns per output tile, a multiple of 8 up to 256 (`mosaic_pads`: N is padded
+        to it on every call when it does not divide N).
       max_concurrent_steps: pipeline depth (TMA loads in flight), at least 2.
       grid_tile_width: width of the snake order over output tiles (L2 reuse of operands).
 
@@ -130,30 +133,33 @@ class MosaicConfig:
         common.check_mosaic_config(self)
 
 
-def default_config(m: int, n_padded: int, num_groups: int) -> TuningConfig:
-    """H100 defaults (frozen until a GPU run tunes them; see docs/kernels.md)."""
+def default_config(m: int, n: int, num_groups: int) -> TuningConfig:
+    """H100 defaults for `m` rows, `n` output columns and `num_groups` kernel groups along K
+    (frozen until a GPU run tunes them; see docs/kernels.md). Tiles are 128 columns wide, or 64
+    where that covers N exactly and 128 would not (no masked last tile)."""
+    block_n = 64 if n % 128 and n % 64 == 0 else 128
     if m <= SMALL_M:
-        tiles = n_padded // 128
+        tiles = common.cdiv(n, block_n)
         split = max(1, min(num_groups, common.cdiv(2 * H100_SMS, tiles)))
-        return TuningConfig(block_m=16, block_n=128, split_k=split, num_warps=4, num_stages=3)
+        return TuningConfig(block_m=16, block_n=block_n, split_k=split, num_warps=4, num_stages=3)
     block_m = 64 if m <= 64 else 128
-    return TuningConfig(block_m=block_m, block_n=128, split_k=1, num_warps=8, num_stages=3)
+    return TuningConfig(block_m=block_m, block_n=block_n, split_k=1, num_warps=8, num_stages=3)
 
 
 @dataclasses.dataclass(frozen=True)
 class PackedWeight:
-    """A weight-only `QArray [K, N]` as the kernel reads it: the QArray's own layout, padded.
+    """A weight-only `QArray [K, N]` as the kernel reads it: the QArray's own arrays, unpadded.
 
     Attributes:
-      codes: 4-bit: uint8 `[Kp, Np/2]` packed along N as in `QArray` (column 2j in the low
-        nibble, 2j+1 in the high one; two's complement when `signed`); 8-bit: int8/uint8 `[Kp, Np]`.
-      scale: `[ceil(K/g), Np]` float32/bfloat16/float16: the QArray's scales.
-      zero: uint8 `[ceil(K/g), Np]` zero points, or None for symmetric (signed) codes.
+      codes: 4-bit: uint8 `[K, ceil(N/2)]` packed along N as in `QArray` (column 2j in the low
+        nibble, 2j+1 in the high one; two's complement when `signed`); 8-bit: int8/uint8 `[K, N]`.
+      scale: `[ceil(K/g), N]` float32/bfloat16/float16: the QArray's scales.
+      zero: uint8 `[ceil(K/g), N]` zero points, or None for symmetric (signed) codes.
       perm: int32 `[K]` act-order permutation (stored row j is logical row perm[j]) or None.
       bits: 4 or 8.  signed: codes are two's complement (no zero points).
       qgroup: the QArray's group size along K (`K` for one scale per column).
       group: the kernel group `kg`: rows per inner step, a power of two that divides `qgroup`.
-      k, n: logical shape; `Kp`, `Np` are `k`, `n` rounded up to `group` and to 128.
+      k, n: logical shape.
       dtype: the QArray's dequantized dtype.
     """
 
@@ -171,11 +177,9 @@ class PackedWeight:
 
     @property
     def k_padded(self) -> int:
-        return self.codes.shape[0]
-
-    @property
-    def n_padded(self) -> int:
-        return self.scale.shape[1]
+        """K rounded up to the kernel group: the rows the kernel's steps cover (masked past K;
+        nothing is padded)."""
+        return common.round_up(self.k, self.group)
 
     @property
     def num_groups(self) -> int:
@@ -193,7 +197,7 @@ def kernel_group(shape, block_shape) -> int | None:
     """Rows per inner step for a `[K, N]` QArray with `block_shape`, or None when unsupported.
 
     The largest of 128, 64, 32 that divides the QArray's group (so that an inner step never
-    straddles two scales) and, where possible, K (so that no padding is needed).
+    straddles two scales) and, where possible, K (so that no step needs masked loads).
     """
     k, g = shape[0], block_shape[0]
     if g >= k:  # one scale per column: every kernel group works
@@ -221,23 +225,12 @@ def supports_qarray(qarray) -> str | None:
     return None
 
 
-def is_aligned(qarray) -> bool:
-    """Whether `prepare(qarray)` is free (no padding or repacking: K and N already aligned)."""
-    if supports_qarray(qarray) is not None:
-        return False
-    from jqtz.qarray import QArray
-
-    k, n = qarray.shape
-    kg = kernel_group(qarray.shape, qarray.block_shape)
-    scale_ok = not isinstance(qarray.scale, QArray) and qarray.scale.dtype in _SCALE_DTYPES
-    return k % kg == 0 and n % _N_ALIGN == 0 and scale_ok
-
-
 def prepare(qarray) -> PackedWeight:
-    """The kernel's view of a weight-only `QArray [K, N]`; free when `is_aligned(qarray)`.
+    """The kernel's view of a weight-only `QArray [K, N]`: its own arrays, never copied.
 
-    Pads K to the kernel group and N to 128 (copies) only for unaligned shapes; expands
-    double-quantized scales. Do it once at load time for unaligned weights.
+    Only scales that the kernel cannot read as they are (double-quantized, or a dtype other than
+    float32/bfloat16/float16) are expanded: `[ceil(K/g), N]` values, a small fraction of the
+    codes, so this is cheap enough to run inside every jitted call.
 
     Raises:
       NotImplementedError: for formats or block shapes the kernel does not cover
@@ -249,32 +242,31 @@ def prepare(qarray) -> PackedWeight:
     if why is not None:
         raise NotImplementedError(f"w4a16.prepare: unsupported QArray: {why}")
     k, n = qarray.shape
-    kg = kernel_group(qarray.shape, qarray.block_shape)
-    bits = qarray.format.bits
-    kp, np_ = common.round_up(k, kg), common.round_up(n, _N_ALIGN)
     scale = qarray.scale
     if isinstance(scale, QArray) or scale.dtype not in _SCALE_DTYPES:
-        scale = qarray.scale_values()  # double-quantized scales are expanded here, once
-    scale = common.pad_axis(scale, 1, np_)
+        scale = qarray.scale_values()  # double-quantized scales are expanded here
     zero = qarray.zero_point
     if zero is not None:
-        zero = common.pad_axis(zero.astype(jnp.uint8), 1, np_)
-    codes = common.pad_axis(qarray.qvalue, 0, kp)
-    codes = common.pad_axis(codes, 1, np_ // 2 if bits == 4 else np_)
+        zero = zero.astype(jnp.uint8)
     perm = None if qarray.perm is None else qarray.perm.astype(jnp.int32)
     return PackedWeight(
-        codes,
+        qarray.qvalue,
         scale,
         zero,
         perm,
-        bits,
+        qarray.format.bits,
         zero is None,
         min(qarray.block_shape[0], k),
-        kg,
+        kernel_group(qarray.shape, qarray.block_shape),
         k,
         n,
         np.dtype(qarray.dtype),
     )
+
+
+def _load(ref, mask):
+    """`ref[...]`, through a masked load (zeros where `mask` is False) when there is a mask."""
+    return ref[...] if mask is None else pltriton.load(ref, mask=mask, other=0)
 
 
 def _kernel(
@@ -283,6 +275,8 @@ def _kernel(
     scale_ref,
     *rest,
     m,
+    k,
+    n,
     planes,
     bits,
     signed,
@@ -294,10 +288,12 @@ def _kernel(
     zero_ref = rest[0] if len(rest) == 2 else None
     o_ref = rest[-1]
     bm = x_ref.shape[0]
-    bn = codes_ref.shape[1] * (2 if bits == 4 else 1)
+    per_byte = 2 if bits == 4 else 1
+    bn = codes_ref.shape[1] * per_byte
+    iota = functools.partial(jax.lax.broadcasted_iota, jnp.int32)
     # Rows of `x` past M (a decode tile has 16 rows for one token) are not read: a masked load
     # instead of padding `x` in XLA, and, with `planes`, not written either.
-    rows = pl.program_id(0) * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+    rows = pl.program_id(0) * bm + iota((bm, 1), 0)
     live = rows < m
     start = pl.program_id(2) * groups_per_split
     stop = jnp.minimum(start + groups_per_split, num_groups)
@@ -307,6 +303,13 @@ def _kernel(
     cols = (
         [pl.ds(0, bn // 2, stride=2), pl.ds(1, bn // 2, stride=2)] if bits == 4 else [slice(None)]
     )
+    # The last tile may reach past N: its code bytes there are masked loads of zeros (the
+    # codes are not padded; scales and zero points are, in XLA), and those output columns are
+    # sliced off by XLA.
+    code_width = -(-n // per_byte)
+    code_cols = None
+    if -(-n // bn) * bn != n:
+        code_cols = pl.program_id(1) * (bn // per_byte) + iota((1, bn // per_byte), 1) < code_width
 
     def dequant(codes, srow, c):
         """Codes of one step (kg, width) -> (code - zero) in the activation dtype (exact)."""
@@ -319,8 +322,13 @@ def _kernel(
 
     def body(gi, accs):
         srow = gi * kg // qgroup
-        xg = pltriton.load(x_ref.at[:, pl.ds(gi * kg, kg)], mask=live, other=0)  # (bm, kg)
-        b = codes_ref[pl.ds(gi * kg, kg), :]  # (kg, bn/2) uint8 or (kg, bn)
+        x_mask, c_mask = live, code_cols
+        if k % kg:  # the last step reaches past K: its rows of x and of the codes are zeros
+            x_mask = live & (gi * kg + iota((1, kg), 1) < k)
+            k_rows = gi * kg + iota((kg, 1), 0) < k
+            c_mask = k_rows if c_mask is None else k_rows & c_mask
+        xg = pltriton.load(x_ref.at[:, pl.ds(gi * kg, kg)], mask=x_mask, other=0)  # (bm, kg)
+        b = _load(codes_ref.at[pl.ds(gi * kg, kg), :], c_mask)  # (kg, bn/2) uint8 or (kg, bn)
         if bits == 4:
             lo, hi = b & 0xF, b >> 4
             if signed:
@@ -374,18 +382,17 @@ def matmul(
     if w.perm is not None:
         x2 = jnp.take(x2, w.perm, axis=1)
     m = x2.shape[0]
-    cfg = config or default_config(m, w.n_padded, w.num_groups)
+    cfg = config or default_config(m, w.n, w.num_groups)
     if isinstance(cfg, MosaicConfig):
         common.require_hopper_for_mosaic(interpret)
         y = _mosaic_matmul(x2, w, cfg, out_dtype, interpret)
         return y.reshape(*lead, w.n)
-    if w.n_padded % cfg.block_n:
-        raise ValueError(f"block_n={cfg.block_n} must divide the padded N {w.n_padded}")
-    x2 = common.pad_axis(x2, 1, w.k_padded)  # a no-op for aligned weights
     split = min(cfg.split_k, w.num_groups)
     per_split = common.cdiv(w.num_groups, split)
     split = common.cdiv(w.num_groups, per_split)
-    grid = (common.cdiv(m, cfg.block_m), w.n_padded // cfg.block_n, split)
+    n_tiles = common.cdiv(w.n, cfg.block_n)
+    n_out = n_tiles * cfg.block_n  # output columns past N are computed as zeros, sliced off
+    grid = (common.cdiv(m, cfg.block_m), n_tiles, split)
     code_cols = cfg.block_n // 2 if w.bits == 4 else cfg.block_n
     srows = w.scale.shape[0]
     in_specs = [
@@ -393,10 +400,12 @@ def matmul(
         pl.BlockSpec((w.k_padded, code_cols), lambda i, j, s: (0, j)),
         pl.BlockSpec((srows, cfg.block_n), lambda i, j, s: (0, j)),
     ]
-    args = [x2, w.codes, w.scale]
+    # Scales and zero points of a ragged N are padded (a copy of [ceil(K/g), N] values, not of
+    # the codes): the kernel reads them with strided loads, which have no masked form here.
+    args = [x2, w.codes, common.pad_axis(w.scale, 1, n_out)]
     if w.zero is not None:
         in_specs.append(pl.BlockSpec((srows, cfg.block_n), lambda i, j, s: (0, j)))
-        args.append(w.zero)
+        args.append(common.pad_axis(w.zero, 1, n_out))
     # Split-K partial sums (decode) go to float32 planes of exactly M rows, even and odd
     # columns apart so that the masked stores are contiguous; XLA adds the splits and
     # interleaves the planes in one fusion. A single split writes the tile in place (rows past
@@ -406,14 +415,16 @@ def matmul(
     if planes:
         width = cfg.block_n // n_planes
         out_spec = pl.BlockSpec((None, n_planes, cfg.block_m, width), lambda i, j, s: (s, 0, i, j))
-        out_shape = (split, n_planes, m, w.n_padded // n_planes)
+        out_shape = (split, n_planes, m, n_out // n_planes)
     else:
         out_spec = pl.BlockSpec((None, cfg.block_m, cfg.block_n), lambda i, j, s: (s, i, j))
-        out_shape = (split, common.round_up(m, cfg.block_m), w.n_padded)
+        out_shape = (split, common.round_up(m, cfg.block_m), n_out)
     out = pl.pallas_call(
         functools.partial(
             _kernel,
             m=m,
+            k=w.k,
+            n=w.n,
             planes=planes,
             bits=w.bits,
             signed=w.signed,
@@ -431,16 +442,13 @@ def matmul(
         name=f"w{w.bits}a16_g{w.qgroup}",
     )(*args)
     # Planes: add the splits and interleave the planes, [plane, M, N/2] -> [M, N].
-    y = jnp.moveaxis(out.sum(axis=0), 0, -1).reshape(m, w.n_padded) if planes else out[0, :m]
+    y = jnp.moveaxis(out.sum(axis=0), 0, -1).reshape(m, n_out) if planes else out[0, :m]
     return y[:, : w.n].astype(out_dtype).reshape(*lead, w.n)
 
 
 def _mosaic_tile_k(w: PackedWeight) -> int | None:
-    """K per Mosaic GPU step: 128 or 64, dividing the group (one scale row) and padded K."""
-    for tk in (128, 64):
-        if w.qgroup % tk == 0 and w.k_padded % tk == 0:
-            return tk
-    return None
+    """K per Mosaic GPU step: 128 or 64, dividing the group (one scale row per step)."""
+    return next((tk for tk in (128, 64) if w.qgroup % tk == 0), None)
 
 
 def _mosaic_kernel(x_g, w_g, s_g, *refs, cfg, tiles_mn, num_k, tile_k, qgroup, has_zero, dtype):
@@ -498,50 +506,64 @@ def _mosaic_kernel(x_g, w_g, s_g, *refs, cfg, tiles_mn, num_k, tile_k, qgroup, h
         )
 
 
-def mosaic_unsupported(w: PackedWeight, cfg: MosaicConfig | None = None) -> str | None:
-    """Why `cfg` (default `MosaicConfig()`) cannot multiply by `w` (None: it can).
+def mosaic_unsupported(w: PackedWeight) -> str | None:
+    """Why the Mosaic GPU path cannot multiply by `w` (None: it can).
 
-    The Mosaic GPU path needs 4-bit codes, no act-order permutation, a group size and padded K
-    that are multiples of 64, and `tile_n` dividing the padded N.
+    It needs 4-bit codes, no act-order permutation and a group size that is a multiple of 64.
     """
-    cfg = cfg or MosaicConfig()
-    if w.bits != 4 or w.perm is not None or _mosaic_tile_k(w) is None or w.n_padded % cfg.tile_n:
+    if w.bits != 4 or w.perm is not None or _mosaic_tile_k(w) is None:
         return (
-            "a w4a16.MosaicConfig needs 4-bit codes, no act-order permutation, a group size and "
-            f"padded K that are multiples of 64, and tile_n dividing the padded N; got "
-            f"bits={w.bits}, perm={'yes' if w.perm is not None else 'no'}, group={w.qgroup}, "
-            f"K padded {w.k_padded}, N padded {w.n_padded}, tile_n={cfg.tile_n}"
+            "a w4a16.MosaicConfig needs 4-bit codes, no act-order permutation and a group size "
+            f"that is a multiple of 64; got bits={w.bits}, "
+            f"perm={'yes' if w.perm is not None else 'no'}, group={w.qgroup}"
         )
     return None
 
 
+def mosaic_pads(w: PackedWeight, cfg: MosaicConfig | None = None) -> bool:
+    """Whether the Mosaic GPU path (`cfg`, default `MosaicConfig()`) copies `w` on every call:
+    TMA moves whole tiles, so K must be a multiple of the K step and N of `cfg.tile_n`, or the
+    codes are padded to them (the Triton path reads every shape in place)."""
+    cfg = cfg or MosaicConfig()
+    return bool(w.k % (_mosaic_tile_k(w) or 64) or w.n % cfg.tile_n)
+
+
 def _mosaic_matmul(x2, w: PackedWeight, cfg: MosaicConfig, out_dtype, interpret):
     """The Mosaic GPU product of `x2 [M, K]` with a 4-bit `PackedWeight`, padded to tiles."""
-    reason = mosaic_unsupported(w, cfg)
+    reason = mosaic_unsupported(w)
     if reason:
         raise ValueError(f"{reason}. Use a TuningConfig (Triton) for this weight.")
     tile_k = _mosaic_tile_k(w)
     m = x2.shape[0]
-    mp = common.round_up(m, cfg.tile_m)
-    x2 = common.pad_axis(common.pad_axis(x2, 1, w.k_padded), 0, mp)
+    mp, kp, np_ = (
+        common.round_up(m, cfg.tile_m),
+        common.round_up(w.k, tile_k),
+        common.round_up(w.n, cfg.tile_n),
+    )
+    x2 = common.pad_axis(common.pad_axis(x2, 1, kp), 0, mp)
+    # Padded codes are zeros with zero scales (a copy of the weight: see `mosaic_pads`). Padded
+    # K rows stay inside the last group: the group size is a multiple of the K step.
+    codes = common.pad_axis(common.pad_axis(w.codes, 0, kp), 1, np_ // 2)
+    scale = common.pad_axis(w.scale, 1, np_)
+    zero = None if w.zero is None else common.pad_axis(w.zero, 1, np_)
     # The packed bytes read as XLA's 4-bit arrays (low nibble first, as the QArray packs them).
-    codes = jax.lax.bitcast_convert_type(w.codes, jnp.int4 if w.signed else jnp.uint4)
-    codes = codes.reshape(w.k_padded, w.n_padded)
-    tiles = (mp // cfg.tile_m, w.n_padded // cfg.tile_n)
+    codes = jax.lax.bitcast_convert_type(codes, jnp.int4 if w.signed else jnp.uint4)
+    codes = codes.reshape(kp, np_)
+    tiles = (mp // cfg.tile_m, np_ // cfg.tile_n)
     body = functools.partial(
         _mosaic_kernel,
         cfg=cfg,
         tiles_mn=tiles,
-        num_k=w.k_padded // tile_k,
+        num_k=kp // tile_k,
         tile_k=tile_k,
         qgroup=w.qgroup,
-        has_zero=w.zero is not None,
+        has_zero=zero is not None,
         dtype=x2.dtype,
     )
-    args = [x2, codes, w.scale] + ([w.zero] if w.zero is not None else [])
+    args = [x2, codes, scale] + ([zero] if zero is not None else [])
     out = common.persistent_mosaic_kernel(
         body,
-        jax.ShapeDtypeStruct((mp, w.n_padded), out_dtype),
+        jax.ShapeDtypeStruct((mp, np_), out_dtype),
         tiles[0] * tiles[1],
         interpret=interpret,
         name=f"w4a16_mgpu_g{w.qgroup}",
@@ -554,15 +576,14 @@ def dequantize(w: PackedWeight) -> jax.Array:
     codes = w.codes
     if w.bits == 4:
         lo, hi = codes & 0xF, codes >> 4
-        codes = jnp.stack([lo, hi], axis=-1).reshape(w.k_padded, w.n_padded).astype(jnp.int32)
+        codes = jnp.stack([lo, hi], axis=-1).reshape(w.k, -1)[:, : w.n].astype(jnp.int32)
         if w.signed:
             codes = jnp.where(codes >= 8, codes - 16, codes)
-    rows = jnp.arange(w.k_padded) // w.qgroup
+    rows = jnp.arange(w.k) // w.qgroup
     vals = codes.astype(jnp.float32)
     if w.zero is not None:
         vals = vals - w.zero.astype(jnp.float32)[rows]
-    vals = vals * w.scale.astype(jnp.float32)[rows]
-    return vals[: w.k, : w.n]
+    return vals * w.scale.astype(jnp.float32)[rows]
 
 
 def reference(x: jax.Array, w: PackedWeight) -> jax.Array:
@@ -608,16 +629,16 @@ MOSAIC_TUNE_CANDIDATES = (
 )
 
 
-def tune_candidates(m: int, n_padded: int, num_groups: int) -> list:
+def tune_candidates(m: int, n: int, num_groups: int) -> list:
     """The configs `--tune` tries for `m` rows (the default first): block_n, split-K and launch
     parameters around the default for decode; for larger M, Triton block sizes and launch
     parameters alternating with `MOSAIC_TUNE_CANDIDATES`, so that a sweep cut short by its time
     budget has tried both lowerings."""
-    out = [default_config(m, n_padded, num_groups)]
+    out = [default_config(m, n, num_groups)]
     launch = ((4, 3), (4, 4), (8, 3))
     if m <= SMALL_M:
         for bn in (64, 128, 256):
-            auto = max(1, min(num_groups, common.cdiv(2 * H100_SMS, max(1, n_padded // bn))))
+            auto = max(1, min(num_groups, common.cdiv(2 * H100_SMS, common.cdiv(n, bn))))
             for split in sorted({max(1, auto // 2), auto, min(num_groups, 2 * auto)}):
                 for warps, stages in launch:
                     out.append(TuningConfig(block_m=16, block_n=bn, split_k=split,
@@ -633,8 +654,8 @@ def tune_candidates(m: int, n_padded: int, num_groups: int) -> list:
         while triton or mosaic:
             out += [c.pop(0) for c in (triton, mosaic) if c]
 
-    def fits(c):
-        return n_padded % (c.tile_n if isinstance(c, MosaicConfig) else c.block_n) == 0
+    def fits(c):  # Mosaic tiles that would pad the weight on every call are not tried
+        return not isinstance(c, MosaicConfig) or n % c.tile_n == 0
 
     return list(dict.fromkeys(c for c in out if fits(c)))
 
@@ -683,10 +704,10 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), bits=4,
                 err = common.relative_error(fn(*sets[0]), ref)
                 return common.time_per_call(fn, sets, iters=iters), err
 
-            base_cfg = default_config(m, pw.n_padded, pw.num_groups)
+            base_cfg = default_config(m, pw.n, pw.num_groups)
             cands = []
             if tune and m in tune_ms:
-                cands = tune_candidates(m, pw.n_padded, pw.num_groups)
+                cands = tune_candidates(m, pw.n, pw.num_groups)
                 if si:  # the first shape's three fastest for this M
                     cands = [c for c in winners.get(m, []) if c in cands]
                 cands = cands[:3] if smoke else cands

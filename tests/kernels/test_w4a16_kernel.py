@@ -37,6 +37,9 @@ CASES = {
     "int4_partial_group_k300": (2, 300, 128, "int4", 128, False, {}),
     "int4_n200_ragged": (5, 128, 200, "int4", 64, True, {}),
     "int4_odd_n129": (1, 64, 129, "int4", 32, False, {}),
+    "int4_smollm2_k576_n192": (1, 576, 192, "int4", 128, False, {}),
+    "int4_k_and_n_ragged_m20": (20, 200, 72, "int4", 64, True, {}),
+    "int8_k_and_n_ragged": (3, 100, 50, "int8", 32, False, {}),
     "int4_channel": (2, 192, 128, "int4", None, True, {}),
     "int4_double_quant": (2, 256, 128, "int4", 64, True, {"double_quant": True}),
     "int4_large_m": (80, 128, 256, "int4", 64, False, {}),
@@ -140,8 +143,6 @@ def test_mosaic_rejects_weights_it_does_not_cover():
     for qw in (_qweight(128, 128, "int8", 64), _qweight(128, 128, "int4", 32)):
         with pytest.raises(ValueError, match="TuningConfig"):
             w4a16.matmul(x, w4a16.prepare(qw), config=cfg, interpret=True)
-    with pytest.raises(ValueError, match="TuningConfig"):  # tile_n must divide the padded N
-        w4a16.matmul(x, w4a16.prepare(_qweight(128, 128)), config=w4a16.MosaicConfig(tile_n=96))
     for bad in (dict(tile_m=32), dict(tile_n=264), dict(tile_m=128, tile_n=256),
                 dict(max_concurrent_steps=1)):  # fmt: skip
         with pytest.raises(ValueError, match="MosaicConfig"):
@@ -167,12 +168,11 @@ def test_act_order_perm():
     assert _rel(y, x.astype(jnp.float32) @ qp.dequantize(jnp.float32)) < 1e-5
 
 
-def test_prepare_is_free_when_aligned():
-    qw = _qweight(256, 256, "int4", 128, False, scale_dtype="bfloat16")
-    assert w4a16.is_aligned(qw)
+@pytest.mark.parametrize("k, n", [(256, 256), (576, 192), (300, 129)])
+def test_prepare_never_copies_the_codes(k, n):
+    qw = _qweight(k, n, "int4", 128, False, scale_dtype="bfloat16")
     pw = w4a16.prepare(qw)
     assert pw.codes is qw.qvalue and pw.scale is qw.scale and pw.zero is qw.zero_point
-    assert not w4a16.is_aligned(_qweight(300, 256, "int4", 128))
 
 
 def test_unsupported_formats_raise():
@@ -228,6 +228,22 @@ def test_decode_touches_only_the_real_rows(sym):
     assert "tensor<4x2x1x512xf32>" in text  # (splits, even/odd planes, M, N / 2)
 
 
+def test_ragged_weights_are_read_in_place():
+    """SmolLM2-135M's k/v projection (K = 576 = 4.5 groups of 128, N = 192): the codes are read
+    where they lie, with masked loads past K and N; only the small scale and zero-point arrays
+    are padded to the 128-column tile."""
+    pw = w4a16.prepare(_qweight(576, 192, "int4", 128, False, scale_dtype="bfloat16"))
+    x = jax.ShapeDtypeStruct((1, 576), jnp.bfloat16)
+    cfg = w4a16.TuningConfig(block_m=16, block_n=128, split_k=2)
+    text = common.lower_for_cuda(functools.partial(w4a16.matmul, config=cfg), x, pw)
+    pads = [line for line in text.splitlines() if "stablehlo.pad" in line]
+    assert len(pads) == 2 and all("(tensor<5x192x" in line for line in pads), pads
+    # The default tiles are 64 columns wide where that covers N exactly: nothing is padded.
+    assert w4a16.default_config(1, 192, 5).block_n == 64
+    text = common.lower_for_cuda(w4a16.matmul, x, pw)
+    assert "stablehlo.pad" not in text
+
+
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "zero_points"])
 def test_mosaic_lowers_for_cuda(sym):
     pw = w4a16.prepare(_qweight(4096, 1024, "int4", 128, sym, scale_dtype="bfloat16"))
@@ -256,19 +272,21 @@ def test_can_use():
 
 def test_dispatch_choice_and_fallback():
     aligned = _qweight(256, 128, "int4", 128, True)
-    ragged = _qweight(300, 128, "int4", 128, True)
+    ragged = _qweight(576, 192, "int4", 128, False)  # SmolLM2-135M's k/v projections
     x = jnp.ones((2, 256), jnp.bfloat16)
+    xr = jax.ShapeDtypeStruct((2, 576), jnp.bfloat16)
     h100 = dict(backend="gpu", compute_capability=(9, 0))
     assert dispatch.kernel_for(x, aligned, **h100) == "w4a16"
-    # Unaligned weights would be copied on every call: only after prepare_weight.
-    xr = jax.ShapeDtypeStruct((2, 300), jnp.bfloat16)
-    assert dispatch.kernel_for(xr, ragged, **h100) is None
-    assert dispatch.kernel_for(xr, dispatch.prepare_weight(ragged), **h100) == "w4a16"
+    assert dispatch.kernel_for(xr, ragged, **h100) == "w4a16"  # read in place, masked tails
+    # Mosaic GPU would pad a ragged weight on every call: those stay on Triton.
+    prefill = jax.ShapeDtypeStruct((64, 256), jnp.bfloat16)
+    assert dispatch.kernel_for(prefill, aligned, lowering="mosaic", **h100) == "w4a16-mosaic"
+    prefill_r = jax.ShapeDtypeStruct((64, 576), jnp.bfloat16)
+    assert dispatch.kernel_for(prefill_r, ragged, lowering="mosaic", **h100) == "w4a16"
     assert dispatch.kernel_for(x, aligned, backend="cpu") is None
-    assert dispatch.prepare_weight(jnp.ones((2, 2))).shape == (2, 2)  # non-QArrays unchanged
     # On this CPU machine the XLA path is always kept.
     assert dispatch.maybe_matmul(x, aligned) is None
-    assert dispatch.maybe_matmul(xr, dispatch.prepare_weight(ragged)) is None
+    assert dispatch.maybe_matmul(jnp.ones((2, 576), jnp.bfloat16), ragged) is None
 
 
 def test_bench_entry_point_without_gpu(capsys):

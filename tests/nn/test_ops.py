@@ -189,6 +189,20 @@ def test_use_pallas_kernels_retraces_jitted_functions(monkeypatch):
     assert float(f(x, q)[0, 0]) == 7.0
 
 
+@pytest.mark.parametrize("k, n", [(576, 576), (576, 192), (576, 1536), (1536, 576)])
+def test_default_w4_weights_of_a_small_model_take_the_kernel(k, n):
+    """SmolLM2-135M's projections (dims 576, 192 and 1536, not all multiples of the tiles),
+    quantized with the default W4 g128 spec (zero points), run on the W4A16 kernel on a GPU:
+    the kernel reads unaligned weights in place, so no layer falls back to XLA."""
+    from jqtz.ptq import default_spec
+
+    spec = default_spec("rtn", bits=4)
+    w = jqtz.quantize(jax.random.normal(jax.random.key(k + n), (k, n)), spec)
+    h100 = dict(backend="gpu", compute_capability=(9, 0))
+    for rows in (1, 7, 64):
+        assert jqtz.nn.matmul_path(jnp.ones((rows, k), jnp.bfloat16), w, **h100) == "w4a16"
+
+
 def test_mosaic_lowering_is_chosen_where_a_mosaic_path_exists():
     """`use_pallas_kernels(lowering="mosaic")`: W4A16 with more than 16 rows and decode
     attention over an int8 cache take their Mosaic GPU versions on a Hopper GPU; decode-sized
