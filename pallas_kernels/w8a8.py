@@ -154,15 +154,36 @@ def quantize_cols(w: jax.Array, dtype, block: int | None = None):
     return codes, jnp.repeat(scale[:, 0, :, 0], block, axis=1)
 
 
-def _kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, num_k, k_per_scale, acc_dtype, k_major):
+def _kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, m, n, k, bk, k_per_scale, acc_dtype, k_major):
+    """One `[bm, bn]` output tile: a loop over K in steps of `bk`. The operands are not padded:
+    rows of `x` past M, a last step past K and weight columns past N are masked loads of zeros
+    (masks only where the shapes have such tails); the output is padded and sliced by XLA."""
     bm, bn = o_ref.shape
-    bk = x_ref.shape[1] // num_k if num_k else 0
+    num_k = -(-k // bk)
     per_block = k_per_scale > 0  # scales change along K: apply them every step
     w_axis = 1 if k_major else 0  # the weight block's K axis: [bn, K] or [K, bn]
+    iota = functools.partial(jax.lax.broadcasted_iota, jnp.int32)
+    x_live = (pl.program_id(0) * bm + iota((bm, 1), 0) < m) if m % bm else None
+    w_live = None
+    if n % bn:
+        cols = pl.program_id(1) * bn + iota((bn, 1) if k_major else (1, bn), 1 - w_axis) < n
+        w_live = cols
+
+    def both(a, b):
+        return b if a is None else a if b is None else a & b
+
+    def load(ref, mask):
+        zero = jnp.zeros((), ref.dtype)  # `other=0` would need an int -> fp8 cast
+        return ref[...] if mask is None else pltriton.load(ref, mask=mask, other=zero)
 
     def body(ki, acc):
-        xq = x_ref[:, pl.ds(ki * bk, bk)]
-        wq = w_ref[:, pl.ds(ki * bk, bk)] if k_major else w_ref[pl.ds(ki * bk, bk), :]
+        x_mask, w_mask = x_live, w_live
+        if k % bk:
+            x_mask = both(x_mask, ki * bk + iota((1, bk), 1) < k)
+            w_mask = both(w_mask, ki * bk + iota((1, bk) if k_major else (bk, 1), w_axis) < k)
+        xq = load(x_ref.at[:, pl.ds(ki * bk, bk)], x_mask)
+        w_block = w_ref.at[:, pl.ds(ki * bk, bk)] if k_major else w_ref.at[pl.ds(ki * bk, bk), :]
+        wq = load(w_block, w_mask)
         part = jax.lax.dot_general(
             xq, wq, (((1,), (w_axis,)), ((), ())), preferred_element_type=acc_dtype
         ).astype(jnp.float32)
@@ -175,6 +196,17 @@ def _kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, num_k, k_per_scale, acc_dtyp
     if not per_block:
         acc = acc * sx_ref[...] * sw_ref[...]
     o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _k_step(k: int, block_k: int) -> int:
+    """K per step for one scale block along K: the largest power of two from `block_k` down to
+    16 that divides K (no masked last step), else `block_k` capped at K's next power of two."""
+    for bk in (block_k >> i for i in range(block_k.bit_length())):
+        if bk < 16:
+            break
+        if k % bk == 0:
+            return bk
+    return min(block_k, max(16, 1 << (k - 1).bit_length()))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "out_dtype", "interpret", "w_k_major"))
@@ -224,15 +256,10 @@ def matmul(
             )
         common.require_hopper_for_mosaic(interpret)
         return _mosaic_matmul(xq, sx[:, 0], wq, sw[0], cfg, out_dtype, interpret)
-    bk = min(cfg.block_k, max(16, 1 << (k - 1).bit_length())) if kb == 1 else 128
-    mp, np_, kp = (
-        common.round_up(m, cfg.block_m),
-        common.round_up(n, cfg.block_n),
-        common.round_up(k, bk),
-    )
-    xq = common.pad_axis(common.pad_axis(xq, 1, kp), 0, mp)
-    k_axis, n_axis = (1, 0) if w_k_major else (0, 1)
-    wq = common.pad_axis(common.pad_axis(wq, k_axis, kp), n_axis, np_)
+    bk = _k_step(k, cfg.block_k) if kb == 1 else 128
+    kp = common.round_up(k, bk)
+    mp, np_ = common.round_up(m, cfg.block_m), common.round_up(n, cfg.block_n)
+    # Only the scales (M + N values per block) are padded; the codes are read in place.
     sx = common.pad_axis(sx, 0, mp, 1.0)
     sw = common.pad_axis(sw, 1, np_, 1.0)
     acc_dtype = jnp.int32 if xq.dtype == jnp.int8 else jnp.float32
@@ -244,7 +271,10 @@ def matmul(
     out = pl.pallas_call(
         functools.partial(
             _kernel,
-            num_k=kp // bk,
+            m=m,
+            n=n,
+            k=k,
+            bk=bk,
             k_per_scale=(128 // bk if kb > 1 else 0),
             acc_dtype=acc_dtype,
             k_major=w_k_major,

@@ -24,6 +24,7 @@ CASES = {
     "int8_ragged_m33_k200_n96": (jnp.int8, 33, 200, 96, None),
     "int8_block128": (jnp.int8, 20, 256, 256, 128),
     "fp8_token_channel_m1": (FP8, 1, 256, 128, None),
+    "fp8_ragged_m5_k200_n72": (FP8, 5, 200, 72, None),
     "fp8_block128": (FP8, 20, 256, 256, 128),
 }
 
@@ -166,6 +167,22 @@ def test_lowers_for_cuda(dtype, m):
         jax.ShapeDtypeStruct((1, n), jnp.float32),
     )
     assert common.TRITON_CUSTOM_CALL in common.lower_for_cuda(w8a8.matmul, *args)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, FP8], ids=["int8", "fp8"])
+@pytest.mark.parametrize("m, k, n", [(1, 576, 192), (100, 200, 72)], ids=["smollm2", "ragged"])
+def test_codes_are_read_in_place(dtype, m, k, n):
+    """Shapes off the tiles (SmolLM2-135M's K = 576, N = 192): masked loads, not padded codes;
+    only the scales (M + N floats) may be padded."""
+    args = (
+        jax.ShapeDtypeStruct((m, k), dtype),
+        jax.ShapeDtypeStruct((m, 1), jnp.float32),
+        jax.ShapeDtypeStruct((k, n), dtype),
+        jax.ShapeDtypeStruct((1, n), jnp.float32),
+    )
+    text = common.lower_for_cuda(w8a8.matmul, *args)
+    pads = [line for line in text.splitlines() if "stablehlo.pad" in line]
+    assert pads and all("xf32>" in line.split("->")[-1] for line in pads), pads
 
 
 @pytest.mark.parametrize("dtype", [jnp.int8, FP8], ids=["int8", "fp8"])
