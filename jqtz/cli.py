@@ -212,11 +212,12 @@ def _spec_from_args(args):
         name = f"int{bits}"
     if (method == "nf4" and name != "nf4") or (method == "fp8" and name != "fp8_e4m3"):
         raise UserError(f"`--method {method}` takes `--format {method}`, got `--format {fmt}`")
-    symmetric = args.symmetric
-    if symmetric is None:  # jqtz.ptq's default: zero points for integers below 8 bits
-        from jqtz.ptq import default_spec
+    from jqtz.ptq import default_spec
 
-        symmetric = not name.startswith("int") or default_spec(method, bits=bits).symmetric
+    default = default_spec(method, bits=bits)  # what `Recipe(method=...)` would store
+    symmetric = args.symmetric
+    if symmetric is None:  # zero points for integers below 8 bits
+        symmetric = not name.startswith("int") or default.symmetric
     if args.group_size > 0:
         grain = {"granularity": "group", "group_size": args.group_size}
     else:
@@ -225,7 +226,7 @@ def _spec_from_args(args):
         return jqtz.QuantSpec(
             format=name,
             symmetric=symmetric,
-            scale_dtype=args.scale_dtype,
+            scale_dtype=args.scale_dtype or default.scale_dtype,
             double_quant=args.double_quant,
             **grain,
         )
@@ -717,7 +718,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="absmax ranges, no zero points (default at 8 bits)",
     )
-    q.add_argument("--scale-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    q.add_argument(
+        "--scale-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of the stored scales (default: the method's jqtz.ptq recipe, float16; "
+        "float32 for nf4 and fp8)",
+    )
     q.add_argument("--double-quant", action="store_true", help="quantize the scales to 8 bits")
     q.add_argument("--out", required=True, help="output folder (new or empty)")
     q.set_defaults(func=cmd_quantize)

@@ -126,6 +126,11 @@ def test_calibrated_method_from_the_command_line(stories, tmp_path, capsys, meth
     layers = result["calibration"]["layers"]
     assert len(layers) == 5 * 7 and all(r["method"] == method for r in layers)
     assert result["spec"].startswith(f"QuantSpec(format='{fmt.lstrip('u')}'")
+    # The command stores what `ptq.Recipe(method=...)` would (float16 scales included).
+    from jqtz.ptq import default_spec
+
+    symmetric = True if "--symmetric" in options else None
+    assert result["spec"] == str(default_spec(method, group_size=32, symmetric=symmetric))
     info = run_json(capsys, ["inspect", str(out)])
     assert {p["format"] for p in info["params"] if p["path"].endswith("/kernel")} == {fmt}
 
