@@ -660,8 +660,13 @@ def tune_candidates(m: int, n: int, num_groups: int) -> list:
     return list(dict.fromkeys(c for c in out if fits(c)))
 
 
-def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), bits=4, group=128):
+def benchmark(
+    report, *, smoke=False, tune=False, deadline=float("inf"), bits=4, group=128, symmetric=False
+):
     """Time the kernel against the bf16 XLA product; with `tune`, sweep `tune_candidates`.
+
+    The weights have zero points (uint4/uint8 codes, jqtz's PTQ default below 8 bits) unless
+    `symmetric`.
 
     The sweep is full on the first shape; on the others only the three fastest configs of the
     first shape (for the same M) and the default are tried. `smoke` runs tiny shapes in the
@@ -677,13 +682,16 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), bits=4,
     tune_ms = (1, 64) if smoke else (1, 64, 256)
     bw = common.measure_copy_bandwidth(1 << 20 if smoke else 1 << 30)
     fmt = "int4" if bits == 4 else "int8"
-    report(f"w{bits}a16, groups of {group}; copy {bw / 1e9:.0f} GB/s")
+    grid = "symmetric" if symmetric else "zero points"
+    report(f"w{bits}a16, groups of {group}, {grid}; copy {bw / 1e9:.0f} GB/s")
     report(f"{'M':>5} {'N':>6} {'K':>6} {'default us':>10} {'best us':>8} {'bf16 us':>8} "
            f"{'speedup':>7} {'GB/s':>6} {'of copy':>7} {'rel err':>8}  best config")  # fmt: skip
     rows, winners = [], {}
     for si, (n, k) in enumerate(shapes):
         w = jax.random.normal(jax.random.key(si), (k, n), jnp.float32)
-        spec = jqtz.QuantSpec(format=fmt, granularity="group", group_size=group)
+        spec = jqtz.QuantSpec(
+            format=fmt, granularity="group", group_size=group, symmetric=symmetric
+        )
         pw = jax.block_until_ready(prepare(jqtz.quantize(w, spec)))
         wb = w.astype(jnp.bfloat16)
         del w
@@ -725,7 +733,8 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), bits=4,
             )
             t, cfg, err = best
             moved = nbytes + 2 * (m * k + m * n)
-            row = dict(kernel=f"w{bits}a16", m=m, n=n, k=k, us=t * 1e6, default_us=t_base * 1e6,
+            row = dict(kernel=f"w{bits}a16", symmetric=symmetric, m=m, n=n, k=k, us=t * 1e6,
+                       default_us=t_base * 1e6,
                        baseline_us=t_bf16 * 1e6, speedup=t_bf16 / t, roofline=moved / t / bw,
                        rel_err=err, config=cfg)  # fmt: skip
             rows.append(row)
@@ -742,12 +751,20 @@ def main(argv=None) -> int:
     parser.add_argument("--tune", action="store_true", help="also sweep tune_candidates")
     parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
     parser.add_argument("--group", type=int, default=128)
+    parser.add_argument(
+        "--symmetric", action="store_true", help="codes without zero points (default: with)"
+    )
     args = parser.parse_args(argv)
     if not args.bench:
         parser.print_help()
         return 0
     return common.run_benchmark(
-        "w4a16", benchmark, tune=args.tune, bits=args.bits, group=args.group
+        "w4a16",
+        benchmark,
+        tune=args.tune,
+        bits=args.bits,
+        group=args.group,
+        symmetric=args.symmetric,
     )
 
 
