@@ -166,8 +166,7 @@ def _kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, m, n, k, bk, k_per_scale, ac
     x_live = (pl.program_id(0) * bm + iota((bm, 1), 0) < m) if m % bm else None
     w_live = None
     if n % bn:
-        cols = pl.program_id(1) * bn + iota((bn, 1) if k_major else (1, bn), 1 - w_axis) < n
-        w_live = cols
+        w_live = pl.program_id(1) * bn + iota((bn, 1) if k_major else (1, bn), 1 - w_axis) < n
 
     def both(a, b):
         return b if a is None else a if b is None else a & b
