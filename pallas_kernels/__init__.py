@@ -3,7 +3,7 @@
 One file per kernel (kernel, pure-jnp `reference`, frozen `TuningConfig` with H100 defaults,
 `can_use`, and a `main()` benchmark: `python -m pallas_kernels.w4a16 --bench`):
 
-- `w4a16`: weight-only int4/uint4/int8/uint8 x bf16/f16, group-wise scales and zero points.
+- `w4a16`: weight-only int4/uint4/int8/uint8/NF4 x bf16/f16, group-wise scales and zero points.
 - `w8a8`: int8 x int8 -> int32 and fp8 e4m3 x e4m3 -> f32 with per-token/per-channel or
   128-block scales.
 - `decode_attention`: one query token per sequence over paged int8/fp8/int4 (KIVI) KV pages.

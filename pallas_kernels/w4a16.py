@@ -2,7 +2,9 @@
 
 `y[m, n] = sum_k x[m, k] * (code[k, n] - zero[k // g, n]) * scale[k // g, n]` for a flax kernel
 `W [K, N]` stored as a `jqtz.QArray` (int4/uint4/int8/uint8, groups of `g` along K, or one scale
-per output channel), and bf16/f16 activations `x [M, K]`.
+per output channel), and bf16/f16 activations `x [M, K]`. NF4 weights (QLoRA's 16 levels) take
+the same path with `level[code]` in place of `code - zero`: a tree of 15 selects on the code's
+bits with the levels as constants, rounded once to the activation dtype.
 
 The kernel works group by group: it unpacks one group of codes to 16 bits in registers, takes
 the exact integer-valued product with `x` on the tensor cores (float32 accumulation) and applies
@@ -58,6 +60,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import common
 
 _KERNEL_GROUPS = (128, 64, 32)
+_FORMATS = ("int4", "uint4", "int8", "uint8", "nf4")
 _ACT_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 _SCALE_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 #: Largest M that takes the decode (split-K, 16-row tile) path.
@@ -157,6 +160,7 @@ class PackedWeight:
       zero: uint8 `[ceil(K/g), N]` zero points, or None for symmetric (signed) codes.
       perm: int32 `[K]` act-order permutation (stored row j is logical row perm[j]) or None.
       bits: 4 or 8.  signed: codes are two's complement (no zero points).
+      levels: for lookup formats (NF4), the 16 values the 4-bit codes index; None for integers.
       qgroup: the QArray's group size along K (`K` for one scale per column).
       group: the kernel group `kg`: rows per inner step, a power of two that divides `qgroup`.
       k, n: logical shape.
@@ -174,6 +178,7 @@ class PackedWeight:
     k: int
     n: int
     dtype: np.dtype
+    levels: tuple[float, ...] | None = None
 
     @property
     def k_padded(self) -> int:
@@ -189,7 +194,7 @@ class PackedWeight:
 jax.tree_util.register_dataclass(
     PackedWeight,
     data_fields=["codes", "scale", "zero", "perm"],
-    meta_fields=["bits", "signed", "qgroup", "group", "k", "n", "dtype"],
+    meta_fields=["bits", "signed", "qgroup", "group", "k", "n", "dtype", "levels"],
 )
 
 
@@ -212,8 +217,8 @@ def supports_qarray(qarray) -> str | None:
     if not isinstance(qarray, QArray):
         return f"not a QArray: {type(qarray).__name__}"
     fmt = qarray.format
-    if fmt.name not in ("int4", "uint4", "int8", "uint8"):
-        return f"format {fmt.name!r} (supported: int4, uint4, int8, uint8)"
+    if fmt.name not in _FORMATS:
+        return f"format {fmt.name!r} (supported: {', '.join(_FORMATS)})"
     if qarray.ndim != 2 or qarray.batch_shape:
         return f"shape {qarray.shape} with batch {qarray.batch_shape} (need one 2-D [K, N])"
     if qarray.act is not None:
@@ -249,19 +254,31 @@ def prepare(qarray) -> PackedWeight:
     if zero is not None:
         zero = zero.astype(jnp.uint8)
     perm = None if qarray.perm is None else qarray.perm.astype(jnp.int32)
+    fmt = qarray.format
     return PackedWeight(
         qarray.qvalue,
         scale,
         zero,
         perm,
-        qarray.format.bits,
-        zero is None,
+        fmt.bits,
+        getattr(fmt, "signed", False),
         min(qarray.block_shape[0], k),
         kernel_group(qarray.shape, qarray.block_shape),
         k,
         n,
         np.dtype(qarray.dtype),
+        getattr(fmt, "table", None),
     )
+
+
+def _lookup(codes, levels: tuple[float, ...]):
+    """`levels[codes]` (float32) for 4-bit codes: a tree of 15 selects on the code bits, one
+    level of the tree per bit, with the levels as constants (no gather, no table in memory)."""
+    vals = [float(v) for v in levels]
+    for bit in range(4):
+        on = ((codes >> bit) & 1) == 1
+        vals = [jnp.where(on, hi, lo) for lo, hi in zip(vals[::2], vals[1::2], strict=True)]
+    return vals[0].astype(jnp.float32)
 
 
 def _load(ref, mask):
@@ -280,6 +297,7 @@ def _kernel(
     planes,
     bits,
     signed,
+    levels,
     qgroup,
     kg,
     num_groups,
@@ -312,7 +330,10 @@ def _kernel(
         code_cols = pl.program_id(1) * (bn // per_byte) + iota((1, bn // per_byte), 1) < code_width
 
     def dequant(codes, srow, c):
-        """Codes of one step (kg, width) -> (code - zero) in the activation dtype (exact)."""
+        """Codes of one step (kg, width) -> (code - zero) in the activation dtype (exact), or
+        the NF4 level (rounded once to the activation dtype)."""
+        if levels is not None:
+            return _lookup(codes, levels).astype(act_dtype)
         v = codes.astype(jnp.float32)
         if zero_ref is not None:
             v = v - zero_ref[pl.ds(srow, 1), c].astype(jnp.float32)
@@ -428,6 +449,7 @@ def matmul(
             planes=planes,
             bits=w.bits,
             signed=w.signed,
+            levels=w.levels,
             qgroup=w.qgroup,
             kg=w.group,
             num_groups=w.num_groups,
@@ -439,7 +461,7 @@ def matmul(
         out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32 if planes else out_dtype),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
-        name=f"w{w.bits}a16_g{w.qgroup}",
+        name=f"{'nf4' if w.levels else f'w{w.bits}'}a16_g{w.qgroup}",
     )(*args)
     # Planes: add the splits and interleave the planes, [plane, M, N/2] -> [M, N].
     y = jnp.moveaxis(out.sum(axis=0), 0, -1).reshape(m, n_out) if planes else out[0, :m]
@@ -511,10 +533,11 @@ def mosaic_unsupported(w: PackedWeight) -> str | None:
 
     It needs 4-bit codes, no act-order permutation and a group size that is a multiple of 64.
     """
-    if w.bits != 4 or w.perm is not None or _mosaic_tile_k(w) is None:
+    if w.bits != 4 or w.levels or w.perm is not None or _mosaic_tile_k(w) is None:
         return (
-            "a w4a16.MosaicConfig needs 4-bit codes, no act-order permutation and a group size "
-            f"that is a multiple of 64; got bits={w.bits}, "
+            "a w4a16.MosaicConfig needs 4-bit integer codes (not NF4), no act-order permutation "
+            f"and a group size that is a multiple of 64; got bits={w.bits}, "
+            f"nf4={'yes' if w.levels else 'no'}, "
             f"perm={'yes' if w.perm is not None else 'no'}, group={w.qgroup}"
         )
     return None
@@ -581,6 +604,8 @@ def dequantize(w: PackedWeight) -> jax.Array:
             codes = jnp.where(codes >= 8, codes - 16, codes)
     rows = jnp.arange(w.k) // w.qgroup
     vals = codes.astype(jnp.float32)
+    if w.levels is not None:
+        vals = jnp.asarray(w.levels, jnp.float32)[codes]
     if w.zero is not None:
         vals = vals - w.zero.astype(jnp.float32)[rows]
     return vals * w.scale.astype(jnp.float32)[rows]

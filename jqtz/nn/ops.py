@@ -16,8 +16,8 @@ operand may be a `QArray`:
   are multiplied in floating point with the dequantized weight, the rest as above; summed.
 
 This is the seam that GPU kernels plug into: on a GPU, `pallas_kernels.dispatch` runs the Pallas
-kernel where its `can_use` holds (weight-only int4/int8 groups, W8A8 int8/FP8 per channel);
-everywhere else, and always on CPU, the XLA path here runs.
+kernel where its `can_use` holds (weight-only int4/int8/NF4 groups, W8A8 int8/FP8 per
+channel); everywhere else, and always on CPU, the XLA path here runs.
 
 Example:
   >>> import jax, jax.numpy as jnp, jqtz

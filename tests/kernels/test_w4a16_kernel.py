@@ -44,6 +44,8 @@ CASES = {
     "int4_double_quant": (2, 256, 128, "int4", 64, True, {"double_quant": True}),
     "int4_large_m": (80, 128, 256, "int4", 64, False, {}),
     "int8_g32_asym": (9, 96, 128, "int8", 32, False, {}),
+    "nf4_g64_double_quant": (3, 256, 128, "nf4", 64, True, {"double_quant": True}),
+    "nf4_ragged_m20": (20, 200, 72, "nf4", 64, True, {}),
     "int8_channel_large_m": (65, 128, 128, "int8", None, True, {}),
 }
 
@@ -57,9 +59,9 @@ def test_interpret_matches_reference(name):
     y = w4a16.matmul(x, pw, interpret=True)
     assert y.shape == (m, n) and y.dtype == jnp.float32
     # Exact integer-valued bf16 products with float32 accumulation: only summation order
-    # differs from the float32 reference.
+    # differs from the float32 reference. NF4 levels are rounded once to bf16 (2^-9).
     ref = w4a16.reference(x, pw)
-    assert _rel(y, ref) < 1e-5
+    assert _rel(y, ref) < (8e-3 if fmt == "nf4" else 1e-5)
     # The reference itself is the QArray's own dequantization.
     direct = x.astype(jnp.float32) @ qw.dequantize(jnp.float32)
     assert _rel(ref, direct) < 1e-6
@@ -140,7 +142,8 @@ def test_mosaic_config_on_a_gpu_that_is_not_a_hopper_is_refused(monkeypatch):
 def test_mosaic_rejects_weights_it_does_not_cover():
     x = jnp.ones((64, 128), jnp.bfloat16)
     cfg = w4a16.MosaicConfig()
-    for qw in (_qweight(128, 128, "int8", 64), _qweight(128, 128, "int4", 32)):
+    for qw in (_qweight(128, 128, "int8", 64), _qweight(128, 128, "int4", 32),
+               _qweight(128, 128, "nf4", 64)):  # fmt: skip
         with pytest.raises(ValueError, match="TuningConfig"):
             w4a16.matmul(x, w4a16.prepare(qw), config=cfg, interpret=True)
     for bad in (dict(tile_m=32), dict(tile_n=264), dict(tile_m=128, tile_n=256),
@@ -176,7 +179,7 @@ def test_prepare_never_copies_the_codes(k, n):
 
 
 def test_unsupported_formats_raise():
-    for fmt, extra in (("nf4", {}), ("int3", {}), ("fp8_e4m3", {})):
+    for fmt, extra in (("int3", {}), ("int2", {}), ("fp8_e4m3", {})):
         qw = _qweight(128, 128, fmt, 64, True, **extra)
         assert w4a16.supports_qarray(qw) is not None
         with pytest.raises(NotImplementedError, match=fmt):
@@ -203,6 +206,7 @@ LOWER_CASES = {
     "int4_ragged_m100": (100, 300, 200, "int4", 64, False),
     "int8_g128_m256": (256, 512, 256, "int8", 128, True),
     "uint8_channel_m8": (8, 256, 128, "int8", None, False),
+    "nf4_g64_m1": (1, 2048, 512, "nf4", 64, True),
 }
 
 
@@ -267,7 +271,8 @@ def test_can_use():
     assert not w4a16.can_use(x, qw, backend="gpu", compute_capability=(7, 5))
     assert not w4a16.can_use(jax.ShapeDtypeStruct((1, 256), jnp.float32), qw, **h100)
     assert not w4a16.can_use(jax.ShapeDtypeStruct((1, 128), jnp.bfloat16), qw, **h100)
-    assert not w4a16.can_use(x, _qweight(256, 128, "nf4", 64), **h100)
+    assert not w4a16.can_use(x, _qweight(256, 128, "int3", 64), **h100)
+    assert w4a16.can_use(x, _qweight(256, 128, "nf4", 64), **h100)
 
 
 def test_dispatch_choice_and_fallback():
@@ -283,6 +288,10 @@ def test_dispatch_choice_and_fallback():
     assert dispatch.kernel_for(prefill, aligned, lowering="mosaic", **h100) == "w4a16-mosaic"
     prefill_r = jax.ShapeDtypeStruct((64, 576), jnp.bfloat16)
     assert dispatch.kernel_for(prefill_r, ragged, lowering="mosaic", **h100) == "w4a16"
+    # NF4 (jqtz's nf4 method: groups of 64, double-quantized scales): Triton only.
+    nf4 = _qweight(256, 128, "nf4", 64, True, double_quant=True)
+    assert dispatch.kernel_for(x, nf4, **h100) == "w4a16"
+    assert dispatch.kernel_for(prefill, nf4, lowering="mosaic", **h100) == "w4a16"
     assert dispatch.kernel_for(x, aligned, backend="cpu") is None
     # On this CPU machine the XLA path is always kept.
     assert dispatch.maybe_matmul(x, aligned) is None
