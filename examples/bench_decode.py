@@ -24,6 +24,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import time
 
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 import jqtz
-from jqtz.models.llama import Llama, LlamaConfig, generate
+from jqtz.models.llama import Llama, LlamaConfig, decode_paths, generate
 from jqtz.models.quantized_kv_cache import quantized_cache_factory
 from pallas_kernels import common
 
@@ -52,13 +53,11 @@ def _bytes(tree) -> int:
 
 def _paths(cfg, params, factory, batch) -> str:
     """Which path one decode step's products and attention take, in words."""
-    x = jnp.ones((batch, cfg.dim), cfg.dtype)
-    w = params["params"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
-    attention = "xla"
-    if factory:
-        cache = factory["cache_factory"](cfg, batch, cfg.max_seq_len)[0]
-        attention = cache.attention_path(jnp.ones((batch, 1, cfg.n_heads, cfg.head_dim), cfg.dtype))
-    return f"matmul {jqtz.nn.matmul_path(x, w)}, attention {attention}"
+    paths = decode_paths(cfg, params, batch=batch, **factory)
+    attention = paths.pop("attention")
+    products = collections.Counter(paths.values())
+    matmul = ", ".join(f"{n} {p}" for p, n in sorted(products.items())) or "none quantized"
+    return f"matmul {matmul}, attention {attention}"
 
 
 def main(argv=None) -> int:
@@ -109,7 +108,8 @@ def main(argv=None) -> int:
             run(args.new)
             t = time.perf_counter() - t0 - t_prefill
             paths = _paths(cfg, p, factory, args.batch)
-        rate = args.batch * (args.new - 1) / max(t, 1e-9)
+        # nan where the decode steps took no measurable time beyond prefill (tiny CPU runs)
+        rate = args.batch * (args.new - 1) / t if t > 0 else float("nan")
         print(f"{name:>8} {cache:>6} {kernels:>7} {_bytes(p) / 2**20:11.1f} "
               f"{rate:9.1f}  {paths}", flush=True)  # fmt: skip
     return 0

@@ -14,6 +14,7 @@ folder written by `jqtz quantize` (`jqtz.json`), or a packaged model name (`smol
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import json
@@ -593,7 +594,7 @@ def _print_eval(result: dict) -> None:
 
 def cmd_generate(args) -> int:
     import jqtz
-    from jqtz.models.llama import Llama, generate
+    from jqtz.models.llama import Llama, decode_paths, generate
 
     model = load_model(args.model, tokenizer=args.tokenizer, quiet=args.json)
     if model.kind != "llama":
@@ -619,10 +620,16 @@ def cmd_generate(args) -> int:
         from jqtz.models.quantized_kv_cache import quantized_cache_factory
 
         cache = {"cache_factory": quantized_cache_factory(args.kv_cache)}
+    dtype = args.dtype
+    if dtype == "auto":  # the Pallas kernels take 16-bit activations
+        dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    config = dataclasses.replace(model.config, dtype=dtype)
+    paths = decode_paths(config, model.params, **cache)
+    products = collections.Counter(v for k, v in paths.items() if k != "attention")
     start = time.monotonic()
     with Progress("generating", enabled=not args.json), jqtz.nn.quantized_ops():
         tokens = generate(
-            Llama(model.config),
+            Llama(config),
             model.params,
             np.asarray([prompt], np.int32),
             args.max_new_tokens,
@@ -644,10 +651,18 @@ def cmd_generate(args) -> int:
                 "tokens": tokens,
                 "seconds": seconds,
                 "kv_cache": args.kv_cache,
+                "dtype": dtype,
+                "paths": {"products": dict(products), "attention": paths["attention"]},
             }
         )
     else:
         print(args.prompt + completion)
+        if jax.default_backend() == "gpu":  # where a kernel could have run: say which did
+            used = ", ".join(f"{n} on {p}" for p, n in sorted(products.items())) or "none"
+            sys.stderr.write(
+                f"{dtype} activations; quantized products: {used}; attention: "
+                f"{paths['attention']}\n"
+            )
     return 0
 
 
@@ -772,6 +787,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("float", "int8", "fp8", "int4"),
         help="KV cache storage: the model's dtype (default), int8 or fp8 per token, or int4 "
         "KIVI (per-channel keys, per-token values, recent tokens in full precision)",
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="activation dtype; auto: bfloat16 on a GPU (the Pallas kernels take 16-bit "
+        "activations), float32 elsewhere",
     )
     g.set_defaults(func=cmd_generate)
     return parser

@@ -90,6 +90,15 @@ def test_generate_greedy(q4, capsys):
         main(["generate", str(q4), "--prompt", "Once upon a time", "--max-new-tokens", "16"]) == 0
     )
     assert capsys.readouterr().out.startswith("Once upon a time" + out["completion"])
+    # On this CPU: float32 activations and every product on XLA (5 layers x 7 kernels).
+    assert out["dtype"] == "float32"
+    assert out["paths"] == {"products": {"xla": 35}, "attention": "xla"}
+
+
+def test_generate_in_bfloat16(q4, capsys):
+    argv = ["generate", str(q4), "--prompt", "Once upon a time", "--max-new-tokens", "8"]
+    out = run_json(capsys, [*argv, "--dtype", "bfloat16"])
+    assert out["dtype"] == "bfloat16" and out["completion"].strip()
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

@@ -51,6 +51,7 @@ __all__ = [
     "LlamaMLP",
     "apply_rope",
     "block_name",
+    "decode_paths",
     "generate",
     "init_cache",
     "interleaved_to_half_rotary",
@@ -427,6 +428,53 @@ def generate(
         eos_id=eos_id,
         cache_factory=cache_factory,
     )
+
+
+def decode_paths(
+    config: LlamaConfig,
+    params: Any,
+    *,
+    batch: int = 1,
+    cache_factory: Callable[[LlamaConfig, int, int], Sequence[LayerCache]] = init_cache,
+    backend: str | None = None,
+    compute_capability: tuple[int, int] | None = None,
+) -> dict[str, str]:
+    """Which path each product and the attention of one decode step take (nothing is run).
+
+    Returns ``{param path: path}`` for every quantized ``Dense`` kernel (``jqtz.nn.matmul_path`` for
+    ``batch`` rows in the model's dtype: a Pallas kernel's name, or ``"xla"``) and
+    ``"attention"`` for the cache's (``"kernel"``, ``"kernel-mosaic"`` or ``"xla"``; the
+    full-precision cache is always ``"xla"``). ``backend`` and ``compute_capability`` default
+    to this machine's: pass them to ask about a GPU from a CPU.
+
+    Example:
+        >>> import jqtz
+        >>> config = LlamaConfig(vocab_size=32, dim=64, n_layers=1, n_heads=4, n_kv_heads=2,
+        ...                      hidden_dim=128, max_seq_len=64, tie_embeddings=True,
+        ...                      dtype=jnp.bfloat16)
+        >>> params = Llama(config).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+        >>> spec = jqtz.QuantSpec(format="int4", granularity="group", group_size=32)
+        >>> qparams = jqtz.quantize_params(params, [jqtz.Rule(r".*/kernel", spec)])
+        >>> paths = decode_paths(config, qparams, backend="gpu", compute_capability=(9, 0))
+        >>> paths["params/layers_0/mlp/down_proj/kernel"], paths["attention"]
+        ('w4a16', 'xla')
+    """
+    from jqtz.nn import matmul_path
+    from jqtz.qarray import QArray, is_qarray
+    from jqtz.rules import path_str
+
+    kw = dict(backend=backend, compute_capability=compute_capability)
+    out = {}
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)[0]:
+        path = path_str(keypath)
+        if isinstance(leaf, QArray) and leaf.ndim == 2 and path.endswith("kernel"):
+            x = jax.ShapeDtypeStruct((batch, leaf.shape[0]), config.dtype)
+            out[path] = matmul_path(x, leaf, **kw)
+    cache = cache_factory(config, batch, config.max_seq_len)[0]
+    attention_path = getattr(cache, "attention_path", None)
+    q = jnp.zeros((batch, 1, config.n_heads, config.head_dim), config.dtype)
+    out["attention"] = "xla" if attention_path is None else attention_path(q, **kw)
+    return out
 
 
 @functools.partial(

@@ -16,6 +16,7 @@ from jqtz.models.llama import (
     _generate,
     apply_rope,
     block_name,
+    decode_paths,
     generate,
     init_cache,
     interleaved_to_half_rotary,
@@ -414,3 +415,25 @@ def test_generate_rejects_bad_arguments(kwargs, match):
     args = {"max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         generate(c, init_params(c), random_tokens(c, 1, 3), **args)
+
+
+def test_decode_paths_name_the_kernel_or_xla_for_each_product_and_the_attention():
+    """What one decode step would run on an H100, asked from this CPU: W4A16 products on the
+    kernel with 16-bit activations, XLA with float32 ones (the kernels take 16-bit inputs),
+    the int8 cache's attention on the kernel, the full-precision cache's on XLA; the untied
+    output head (not quantized by default) is not a quantized product."""
+    import jqtz
+    from jqtz.models.quantized_kv_cache import quantized_cache_factory
+
+    config = make_config(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128)
+    spec = jqtz.QuantSpec(format="int4", granularity="group", group_size=32)
+    qparams = jqtz.quantize_params(_init_params(config, 0), [jqtz.Rule(r".*/kernel", spec)])
+    h100 = dict(backend="gpu", compute_capability=(9, 0))
+    bf16 = dataclasses.replace(config, dtype=jnp.bfloat16)
+    paths = decode_paths(bf16, qparams, cache_factory=quantized_cache_factory("int8"), **h100)
+    assert paths.pop("attention") == "kernel"
+    assert len(paths) == 7 * config.n_layers and set(paths.values()) == {"w4a16"}
+    assert all(p.endswith("kernel") and "lm_head" not in p for p in paths)
+    paths = decode_paths(config, qparams, **h100)  # float32 activations, float cache
+    assert set(paths.values()) == {"xla"}
+    assert set(decode_paths(bf16, qparams).values()) == {"xla"}  # this CPU
