@@ -119,6 +119,23 @@ class QArray:
         # the dequantized array at its point of use: unmodified models run on quantized trees.
         return self.dequantize()
 
+    def astype(self, dtype) -> QArray:
+        """The same codes, dequantizing to `dtype`: metadata only, nothing is copied.
+
+        What casting a weight to a module's compute dtype means for a quantized one (flax's
+        `promote_dtype`), so that a product with it returns that dtype.
+
+        Example:
+          >>> import jax.numpy as jnp, jqtz
+          >>> q = jqtz.quantize(jnp.ones((4, 8)), jqtz.QuantSpec(format="int8"))
+          >>> q.astype(jnp.bfloat16).dequantize().dtype, q.astype(jnp.bfloat16).qvalue is q.qvalue
+          (dtype(bfloat16), True)
+        """
+        dtype = np.dtype(dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"QArray.astype: a quantized array dequantizes to floats, got {dtype}")
+        return self if dtype == self.dtype else dataclasses.replace(self, dtype=dtype)
+
     def __getitem__(self, key):
         if key is Ellipsis:  # nnx reads `variable[...]`; keep the QArray for the product seam
             return self

@@ -19,6 +19,9 @@ Three layers, from always-on to opt-in:
    cloned). Models that build their layers with `dot_general=jqtz.nn.dot_general,
    promote_dtype=jqtz.nn.promote_dtype` get the same without this call.
 
+In 2 and 3 a product returns the module's compute dtype, as flax's does: the `QArray` is
+re-typed to it (`QArray.astype`, metadata only) where flax would cast a float kernel.
+
 Example:
   >>> import jax, jax.numpy as jnp, jqtz
   >>> from flax import linen as nn
@@ -53,7 +56,7 @@ def _compute_dtype(module, *xs):
 def _dense(module: nn.Dense, params, x):
     kernel, bias = params["kernel"], params.get("bias")
     dtype = _compute_dtype(module, x, kernel, bias)
-    x = jnp.asarray(x, dtype)
+    x, kernel = jnp.asarray(x, dtype), kernel.astype(dtype)  # as flax's promote_dtype
     y = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
     if bias is not None:
         y = y + jnp.asarray(bias, y.dtype)
@@ -67,7 +70,7 @@ def _dense_general(module: nn.DenseGeneral, params, x):
     axis = tuple(a % x.ndim for a in axis)
     kernel, bias = params["kernel"], params.get("bias")
     dtype = _compute_dtype(module, x, kernel, bias)
-    x = jnp.asarray(x, dtype)
+    x, kernel = jnp.asarray(x, dtype), kernel.astype(dtype)
     dn = ((axis, tuple(range(len(axis)))), ((), ()))
     y = dot_general(x, kernel, dn, precision=module.precision)
     if bias is not None:
@@ -117,7 +120,7 @@ def _embed_call(module: nn.Embed, params, ids):
 def _embed_attend(module: nn.Embed, params, query):
     table = params["embedding"]
     dtype = _compute_dtype(module, query, table)
-    query = jnp.asarray(query, dtype)
+    query, table = jnp.asarray(query, dtype), table.astype(dtype)
     return dot_general(query, table, (((query.ndim - 1,), (1,)), ((), ())))
 
 

@@ -279,13 +279,21 @@ def fake_quantized_input(lhs, rhs: QArray, contracting) -> jax.Array:
 
 
 def promote_dtype(args, /, *, dtype=None, inexact=True):
-    """flax's `promote_dtype` that lets `QArray`s through unconverted (for the NNX seam)."""
+    """flax's `promote_dtype` that keeps `QArray`s quantized (for the NNX seam): they are
+    re-typed (`QArray.astype`, metadata only), so products return the compute dtype as
+    flax's do."""
     dtypes = [x.dtype for x in args if x is not None]
     if dtype is None:
         dtype = jnp.result_type(*dtypes)
         if inexact and not jnp.issubdtype(dtype, jnp.inexact):
             dtype = jnp.promote_types(jnp.float32, dtype)
-    return tuple(x if x is None or isinstance(x, QArray) else jnp.asarray(x, dtype) for x in args)
+
+    def promote(x):
+        if x is None:
+            return None
+        return x.astype(dtype) if isinstance(x, QArray) else jnp.asarray(x, dtype)
+
+    return tuple(promote(x) for x in args)
 
 
 def take_rows(table: QArray, ids: jax.Array, dtype=None) -> jax.Array:

@@ -123,3 +123,14 @@ def test_validate_refuses_zero_point_for_signed_format():
     _, q = _quantized("int8-channel")
     with pytest.raises(ValueError, match="takes no zero_point"):
         dataclasses.replace(q, zero_point=jnp.zeros_like(q.scale, jnp.int8)).validate()
+
+
+def test_astype_retypes_without_copying():
+    _, q = _quantized("int4-g8-ragged-asym-bf16")
+    half = q.astype(jnp.float16)
+    assert half.qvalue is q.qvalue and half.scale is q.scale and half.zero_point is q.zero_point
+    assert half.dtype == np.dtype(jnp.float16) and half.dequantize().dtype == jnp.float16
+    np.testing.assert_allclose(half.dequantize(jnp.float32), q.dequantize(jnp.float32))
+    assert q.astype(q.dtype) is q
+    with pytest.raises(TypeError, match="dequantizes to floats"):
+        q.astype(jnp.int8)

@@ -50,6 +50,32 @@ def test_weight_only_model_equals_model_on_dequantized_params(tiny):
     assert 0 < _rel(got, model.apply(params, IDS)) < 0.5
 
 
+@pytest.mark.parametrize("spec", [W4, W8A8], ids=["w4-g32", "w8a8"])
+def test_compute_dtype_is_flax_s(spec):
+    """Modules with `dtype=bfloat16` return bfloat16 on quantized params, as flax does on float
+    ones (its `promote_dtype` casts the kernel to the compute dtype; jqtz re-types the QArray),
+    so activations stay 16-bit between layers, linen and NNX alike."""
+    bf16 = nn.Dense(128, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(1), (2, 64))
+    params = bf16.init(jax.random.key(0), x)
+    q = jqtz.quantize_params(params, [jqtz.Rule(".*kernel", spec)])
+    want = bf16.apply(jqtz.dequantize_params(q), x)
+    with jqtz.nn.quantized_ops():
+        got = bf16.apply(q, x)
+        embed = nn.Embed(50, 64, dtype=jnp.bfloat16)
+        table = jqtz.quantize_params(
+            embed.init(jax.random.key(2), IDS), [jqtz.Rule(".*", W4, force=True)]
+        )
+        logits = embed.apply(table, x[:, None, :].astype(jnp.bfloat16), method=nn.Embed.attend)
+    assert got.dtype == want.dtype == jnp.bfloat16 and logits.dtype == jnp.bfloat16
+    assert _rel(got.astype(jnp.float32), want.astype(jnp.float32)) < 0.03
+    linear = nnx.Linear(64, 128, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(linear)
+    qstate = jqtz.quantize_params(state, [jqtz.Rule(".*kernel", spec)])
+    qlinear = jqtz.nn.use_quantized_ops(nnx.merge(graphdef, qstate))
+    assert qlinear(x).dtype == linear(x).dtype == jnp.bfloat16
+
+
 def test_w8a8_model_uses_int8_products(tiny):
     model, params = tiny
     q = jqtz.quantize_params(params, W8A8)
