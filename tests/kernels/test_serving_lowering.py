@@ -26,14 +26,13 @@ CONFIG = LlamaConfig(vocab_size=96, dim=192, n_layers=2, n_heads=3, n_kv_heads=1
                      dtype=jnp.bfloat16)  # fmt: skip
 
 
-def _kernel_calls(text: str) -> int:
-    """Pallas (Triton) kernel launches in a lowered program. Each jitted kernel wrapper is one
-    function, called once per use: count the call sites of the functions that launch one."""
+def _kernel_calls(text: str, target: str = common.TRITON_CUSTOM_CALL) -> int:
+    """Pallas kernel launches (Triton by default) in a lowered program. Each jitted kernel
+    wrapper is one function, called once per use: count the call sites of the functions that
+    launch one."""
     bodies = re.split(r"\n\s*func\.func ", text)
     launching = {
-        re.match(r"(?:private |public )?@([\w.$-]+)", b).group(1)
-        for b in bodies[1:]
-        if common.TRITON_CUSTOM_CALL in b
+        re.match(r"(?:private |public )?@([\w.$-]+)", b).group(1) for b in bodies[1:] if target in b
     }
     return sum(len(re.findall(rf"call @{re.escape(f)}\(", text)) for f in launching)
 
@@ -68,3 +67,23 @@ def test_generate_lowers_with_a_kernel_for_every_product_and_the_decode_attentio
     # No weight is dequantized in XLA: no weight-sized float array exists in the program.
     for shape in (f"{CONFIG.dim}x{CONFIG.hidden_dim}", f"{CONFIG.hidden_dim}x{CONFIG.dim}"):
         assert f"tensor<{shape}xbf16>" not in text and f"tensor<{shape}xf32>" not in text
+
+
+def test_mosaic_preference_reaches_prefill_products_and_decode_attention(pretend_h100):
+    """`use_pallas_kernels(lowering="mosaic")`: a 64-token prefill's W4A16 products (aligned
+    dims) and the decode attention take Mosaic GPU; the decode step's one-row products keep
+    Triton's GEMV."""
+    config = LlamaConfig(vocab_size=96, dim=256, n_layers=2, n_heads=4, n_kv_heads=2,
+                         hidden_dim=512, max_seq_len=128, tie_embeddings=True,
+                         dtype=jnp.bfloat16)  # fmt: skip
+    prompt = jnp.ones((1, 64), jnp.int32)
+    params = Llama(config).init(jax.random.key(0), prompt)
+    qparams = jqtz.quantize_params(params, [jqtz.Rule(r".*/kernel", default_spec("rtn"))])
+    cache = quantized_cache_factory("int8")
+    with jqtz.nn.use_pallas_kernels(lowering="mosaic"):
+        text = common.lower_for_cuda(
+            lambda p, t: generate(config, p, t, 4, cache_factory=cache), qparams, prompt
+        )
+    layers = config.n_layers
+    assert _kernel_calls(text, common.MOSAIC_GPU_CUSTOM_CALL) == 7 * layers + layers
+    assert _kernel_calls(text) == 7 * layers
