@@ -199,13 +199,14 @@ def _kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, m, n, k, bk, k_per_scale, ac
 
 def _k_step(k: int, block_k: int) -> int:
     """K per step for one scale block along K: the largest power of two from `block_k` down to
-    16 that divides K (no masked last step), else `block_k` capped at K's next power of two."""
+    32 (the K of 8-bit tensor-core products) that divides K, so that no step is masked; else
+    `block_k` capped at K's next power of two."""
     for bk in (block_k >> i for i in range(block_k.bit_length())):
-        if bk < 16:
+        if bk < 32:
             break
         if k % bk == 0:
             return bk
-    return min(block_k, max(16, 1 << (k - 1).bit_length()))
+    return min(block_k, max(32, 1 << (k - 1).bit_length()))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "out_dtype", "interpret", "w_k_major"))
