@@ -11,13 +11,16 @@ the kernel's float32 reference on random data, times the kernel and its XLA base
 - `DIR/log.txt`: every line as it is measured (a run stopped part-way keeps what it measured);
 - `DIR/results.json`: one record per case (times, speedup, fraction of roofline, error, the
   fastest config), the input for freezing tuned defaults into the kernel files;
+- `DIR/checks.json`: correctness checks of the W4A16 and W8A8 kernels on weights whose K and N
+  are not multiples of the tiles (`common.RAGGED_SHAPES`, SmolLM2-135M's), where the masked
+  tails run;
 - `DIR/summary.md` (also printed last): the issue's speed targets, met or missed.
 
 Timing (`common.time_per_call`): one jitted program per measurement calls the kernel on several
 argument sets, rotating weights and caches through enough copies to overflow the L2, and the
 per-call time is the slope against a one-call program, so host dispatch is not counted.
 
-Exit status: 0 when every kernel ran and every error is within `ERROR_BOUND`, else 1.
+Exit status: 0 when every kernel and check ran and every error is within `ERROR_BOUND`, else 1.
 """
 
 from __future__ import annotations
@@ -69,8 +72,9 @@ def _targets(rows) -> list[tuple[str, str, float, str, bool]]:
     return out
 
 
-def summary(rows, failures, *, judge: bool = True) -> str:
-    """The targets table in markdown, plus errors over `ERROR_BOUND` and kernels that failed.
+def summary(rows, failures, *, judge: bool = True, checks=()) -> str:
+    """The targets table in markdown, plus errors over `ERROR_BOUND` (benchmarked configs and
+    the correctness `checks` on weights off the tiles) and kernels that failed.
 
     With `judge=False` (smoke runs: interpreter timings) no target is called met or missed.
     """
@@ -82,6 +86,14 @@ def summary(rows, failures, *, judge: bool = True) -> str:
     for r in bad:
         lines.append(f"\nERROR {r['kernel']} M={r['m']} N={r['n']} K={r['k']}: rel err "
                      f"{r['rel_err']:.1e} > {ERROR_BOUND}")  # fmt: skip
+    if checks:
+        worst = max(c["rel_err"] for c in checks)
+        lines.append(f"\nWeights off the tiles: {len(checks)} products checked, largest rel err "
+                     f"{worst:.1e} (bound {ERROR_BOUND})")  # fmt: skip
+    for c in checks:
+        if not c["rel_err"] <= ERROR_BOUND:
+            lines.append(f"\nERROR {c['kernel']} {c['case']} M={c['m']} N={c['n']} K={c['k']}: "
+                         f"rel err {c['rel_err']:.1e} > {ERROR_BOUND}")  # fmt: skip
     for name in failures:
         lines.append(f"\nFAILED: {name} (traceback in log.txt)")
     return "\n".join(lines)
@@ -111,8 +123,21 @@ def main(argv=None) -> int:
     known = [name for name, _, _ in _SHARES]
     if only - set(known):
         ap.error(f"--only: unknown kernel(s) {sorted(only - set(known))}; choose from {known}")
-    rows, failures = [], []
+    rows, failures, checks = [], [], []
+    # Correctness on weights off the tiles first: quick, and within the budget that the tuning
+    # sweeps' deadlines (counted from `start`) then share.
     start = time.monotonic()
+    report("\n## checks: weights off the tiles (correctness only)")
+    for name, module in (("w4a16", w4a16), ("w8a8", w8a8)):
+        if only and name not in only:
+            continue
+        try:
+            checks += module.check_ragged(report, smoke=args.smoke)
+        except Exception:  # keep going: the benchmarks still run
+            failures.append(f"{name} checks")
+            report(traceback.format_exc())
+    if args.out is not None:
+        (args.out / "checks.json").write_text(json.dumps(checks, indent=1))
     used = 0.0
     for name, bench, share in _SHARES:
         if only and name not in only:
@@ -132,11 +157,11 @@ def main(argv=None) -> int:
                 for r in rows
             ]  # fmt: skip
             (args.out / "results.json").write_text(json.dumps(records, indent=1))
-    text = summary(rows, failures, judge=not args.smoke)
+    text = summary(rows, failures, judge=not args.smoke, checks=checks)
     if args.out is not None:
         (args.out / "summary.md").write_text(text + "\n")
     report(f"\n## summary ({time.monotonic() - start:.0f} s, jax {jax.__version__})\n{text}")
-    ok = not failures and all(r["rel_err"] <= ERROR_BOUND for r in rows)
+    ok = not failures and all(r["rel_err"] <= ERROR_BOUND for r in rows + checks)
     return 0 if ok else 1
 
 

@@ -303,6 +303,10 @@ def require_gpu_or_exit(name: str) -> bool:
     return True
 
 
+#: `[K, N]` weights off the kernels' tiles (SmolLM2-135M's projections) whose products the
+#: benchmark suite checks for correctness on the GPU (`check_ragged` in the kernel files).
+RAGGED_SHAPES = ((576, 192), (576, 1536), (1536, 576))
+
 #: Bound on `||y - ref|| / ||ref||` for a benchmarked config: bf16 outputs round once (2^-9
 #: relative); float32 accumulation order is far below that.
 ERROR_BOUND = 1e-2

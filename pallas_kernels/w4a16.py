@@ -685,6 +685,34 @@ def tune_candidates(m: int, n: int, num_groups: int) -> list:
     return list(dict.fromkeys(c for c in out if fits(c)))
 
 
+def check_ragged(report, *, smoke=False) -> list[dict]:
+    """Correctness only, no timing: the default configs on `common.RAGGED_SHAPES`, M = 1 and 64,
+    with zero-point int4 (groups of 128) and NF4 (groups of 64, double-quantized) weights,
+    against `reference`. On a GPU this is where the masked K and N tails are compiled and run;
+    `smoke` runs the first shape in the interpreter. Returns one dict per case."""
+    import jqtz
+
+    specs = {
+        "uint4 g128": jqtz.QuantSpec(
+            format="int4", granularity="group", group_size=128, symmetric=False
+        ),
+        "nf4 g64": jqtz.QuantSpec(
+            format="nf4", granularity="group", group_size=64, double_quant=True
+        ),
+    }
+    rows = []
+    for si, (k, n) in enumerate(common.RAGGED_SHAPES[: 1 if smoke else None]):
+        w = jax.random.normal(jax.random.key(si), (k, n), jnp.float32)
+        for name, spec in specs.items():
+            pw = prepare(jqtz.quantize(w, spec))
+            for m in (1, 64):
+                x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+                err = common.relative_error(matmul(x, pw, interpret=smoke), reference(x, pw))
+                rows.append(dict(kernel="w4a16", case=name, m=m, n=n, k=k, rel_err=err))
+                report(f"w4a16 {name} M={m} N={n} K={k}: rel err {err:.1e}")
+    return rows
+
+
 def benchmark(
     report, *, smoke=False, tune=False, deadline=float("inf"), bits=4, group=128, symmetric=False
 ):

@@ -446,6 +446,26 @@ def tune_candidates(*, smoke: bool = False, block_scales: bool = False) -> list:
     return mixed + list(triton[n:]) + list(mosaic[n:])
 
 
+def check_ragged(report, *, smoke=False) -> list[dict]:
+    """Correctness only, no timing: the default configs on `common.RAGGED_SHAPES`, M = 1 and 64,
+    int8 and fp8 e4m3 codes with per-token x per-channel scales, against `reference`. On a GPU
+    this is where the masked M, K and N tails are compiled and run; `smoke` runs the first
+    shape in the interpreter. Returns one dict per case."""
+    rows = []
+    for si, (k, n) in enumerate(common.RAGGED_SHAPES[: 1 if smoke else None]):
+        w = jax.random.normal(jax.random.key(si), (k, n), jnp.float32)
+        for name, dtype in (("int8", jnp.int8), ("fp8", jnp.float8_e4m3fn)):
+            wq, sw = quantize_cols(w, dtype)
+            for m in (1, 64):
+                x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32)
+                xq, sx = quantize_rows(x, dtype)
+                y = matmul(xq, sx, wq, sw, out_dtype=jnp.float32, interpret=smoke)
+                err = common.relative_error(y, reference(xq, sx, wq, sw, out_dtype=jnp.float32))
+                rows.append(dict(kernel="w8a8", case=name, m=m, n=n, k=k, rel_err=err))
+                report(f"w8a8 {name} M={m} N={n} K={k}: rel err {err:.1e}")
+    return rows
+
+
 def benchmark(report, *, smoke=False, tune=False, deadline=float("inf")):
     """Time int8 and fp8 e4m3 products (per-token x per-channel scales; fp8 also with 1x128 x
     128x128 block scales) against the bf16 XLA product; with `tune`, sweep `tune_candidates()`,

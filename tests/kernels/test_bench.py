@@ -32,8 +32,15 @@ def test_smoke_run_writes_every_output(tmp_path):
     for r in records:  # a Triton winner is also timed on the K-major weight Mosaic GPU reads
         if r["kernel"] in ("w8a8 int8", "w8a8 fp8") and r["config_type"] == "TuningConfig":
             assert r["triton_k_major_us"] > 0
+    checks = json.loads((tmp_path / "checks.json").read_text())
+    assert {(c["kernel"], c["case"]) for c in checks} == {
+        ("w4a16", "uint4 g128"), ("w4a16", "nf4 g64"), ("w8a8", "int8"), ("w8a8", "fp8")
+    }  # fmt: skip
+    assert all((c["k"], c["n"]) == common.RAGGED_SHAPES[0] for c in checks)
+    assert all(0 < c["rel_err"] <= bench.ERROR_BOUND for c in checks)
     summary = (tmp_path / "summary.md").read_text()
     assert "not judged (smoke run)" in summary and "met" not in summary.replace("wanted", "")
+    assert f"Weights off the tiles: {len(checks)} products checked" in summary
     log = (tmp_path / "log.txt").read_text()
     assert all(f"## {k}" in log for k in ("w4a16", "w8a8", "decode_attention"))
     assert "rel err" in log  # the tuning sweep reported candidates
@@ -72,6 +79,12 @@ def test_targets_follow_the_issue():
     assert not any("fp8-b128" in c for _, c in got)
     decode = [(v, met) for t, c, v, _, met in bench._targets(rows) if "decode int8" in c]
     assert decode == [(15.0 / 8.0, True)]
+
+
+def test_summary_flags_checks_over_the_bound():
+    checks = [dict(kernel="w4a16", case="nf4 g64", m=64, n=192, k=576, rel_err=0.5)]
+    text = bench.summary([], [], checks=checks)
+    assert "ERROR w4a16 nf4 g64 M=64 N=192 K=576: rel err 5.0e-01" in text
 
 
 def test_summary_flags_errors_and_failures():
