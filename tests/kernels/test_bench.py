@@ -224,6 +224,32 @@ def test_end_to_end_decode_bench_smoke(capsys):
     assert all(not float(r[4]) <= 0 for r in rows)  # a rate, or nan when too fast to time
 
 
+def test_end_to_end_decode_bench_keeps_the_other_cases_when_one_fails(capsys, monkeypatch):
+    import importlib.util
+    import pathlib
+
+    import jqtz
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    real = module.generate
+
+    def generate(*args, **kwargs):
+        if jqtz.nn.pallas_lowering() == "mosaic":
+            raise RuntimeError("pretend compile failure\nsecond line")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "generate", generate)
+    assert module.main(["--tiny", "--new", "2", "--prompt", "4"]) == 1
+    out = capsys.readouterr().out
+    failed = [line for line in out.splitlines() if "FAILED" in line]
+    assert len(failed) == 2 and all("mosaic" in line for line in failed)
+    assert "RuntimeError: pretend compile failure second line" in failed[0]
+    assert sum("matmul" in line for line in out.splitlines()) == 8  # the other cases ran
+
+
 @pytest.mark.parametrize("name", ["w4a16", "w8a8", "decode_attention"])
 def test_kernel_bench_entry_points_pass_valid_arguments(name, monkeypatch):
     """`python -m pallas_kernels.<kernel> --bench --tune` on a GPU calls its `benchmark` with
