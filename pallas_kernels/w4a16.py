@@ -22,8 +22,9 @@ columns are masked loads, so `prepare` never copies the codes. Act-order permuta
 applied to `x` (a gather of the activations) instead of the weight.
 
 Two lowerings, chosen by the config's type: `TuningConfig` runs the kernel above through Pallas
-Triton (the default, every format); `MosaicConfig` runs a Hopper Mosaic GPU version for M >= 64
-and 4-bit codes in groups of a multiple of 64: TMA brings `x` and the codes (the packed bytes
+Triton (the default, every format); `MosaicConfig` runs a Hopper Mosaic GPU version for larger
+M (rows padded to its 64-row tiles; the serving path takes it above 16 rows) and 4-bit integer
+codes in groups of a multiple of 64: TMA brings `x` and the codes (the packed bytes
 read as XLA's int4/uint4 arrays, same nibble order) into shared memory, each step dequantizes a
 code tile to 16 bits in registers (zero point, then the group's scale: one rounding per weight,
 as XLA's path) into one of two shared-memory buffers, and `wgmma` multiplies from shared memory
@@ -100,7 +101,8 @@ H100_SMS = 132
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MosaicConfig:
-    """Tiles for the Mosaic GPU path (Hopper, M >= 64 and 4-bit codes; static under jit).
+    """Tiles for the Mosaic GPU path (Hopper; 4-bit integer codes; rows padded to `tile_m`;
+    static under jit).
 
     Selecting it runs the product through Mosaic GPU instead of Triton: a TMA pipeline brings
     `x` and int4 code tiles into shared memory; each step dequantizes a `[tile_k, tile_n]` code
