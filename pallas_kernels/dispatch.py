@@ -82,7 +82,15 @@ def kernel_for(
     return None
 
 
-def maybe_matmul(x: jax.Array, w, *, lowering: str = "triton") -> jax.Array | None:
+def maybe_matmul(
+    x: jax.Array,
+    w,
+    *,
+    lowering: str = "triton",
+    interpret: bool = False,
+    backend: str | None = None,
+    compute_capability=None,
+) -> jax.Array | None:
     """`x [..., K] @ w [K, N]` through a kernel when one applies, else None (use XLA).
 
     Args:
@@ -91,19 +99,26 @@ def maybe_matmul(x: jax.Array, w, *, lowering: str = "triton") -> jax.Array | No
         per-channel weight and dynamic per-token activation scales) or a `w4a16.PackedWeight`.
       lowering: "triton" (the default), or "mosaic" to run the Mosaic GPU version of the kernel
         where it has one for these operands (W4A16 with more than 16 rows, on a Hopper GPU).
+      interpret: run the kernel in the Pallas interpreter (any machine; pass a GPU `backend`
+        and `compute_capability` to choose it as on that GPU).
+      backend, compute_capability: the device to choose for (default: this one).
 
     Returns:
       `[..., N]` in `result_type(x.dtype, w.dtype)` (as `jqtz.nn.dot_general`), or None.
     """
-    name = kernel_for(x, w, lowering=lowering)
+    name = kernel_for(
+        x, w, backend=backend, compute_capability=compute_capability, lowering=lowering
+    )
     if name is None:
         return None
     out_dtype = jnp.result_type(x.dtype, w.dtype)
     if name == "w8a8":
         x2 = x.reshape(-1, x.shape[-1])
         xq, sx = w8a8.quantize_rows(x2, w.qvalue.dtype)
-        y = w8a8.matmul(xq, sx, w.qvalue, w.scale_values(), out_dtype=out_dtype)
+        y = w8a8.matmul(
+            xq, sx, w.qvalue, w.scale_values(), out_dtype=out_dtype, interpret=interpret
+        )
         return y.reshape(*x.shape[:-1], w.shape[1])
     packed = w if isinstance(w, w4a16.PackedWeight) else w4a16.prepare(w)
     config = w4a16.MosaicConfig() if name == "w4a16-mosaic" else None
-    return w4a16.matmul(x, packed, config=config)
+    return w4a16.matmul(x, packed, config=config, interpret=interpret)

@@ -49,7 +49,7 @@ import numpy as np
 
 from jqtz import _packing, formats
 from jqtz.models.kv_cache import KVCache, dot_product_attention
-from jqtz.nn.ops import pallas_kernels_enabled, pallas_lowering
+from jqtz.nn.ops import kernel_target, pallas_kernels_enabled, pallas_lowering
 
 __all__ = [
     "KINDS",
@@ -472,7 +472,8 @@ class QuantizedKVCache:
         """
         path = self.attention_path(q)
         if path != "xla":
-            return self._attend_kernel(q, mosaic=path == "kernel-mosaic")
+            interpret = kernel_target()[2]
+            return self._attend_kernel(q, mosaic=path == "kernel-mosaic", interpret=interpret)
         return self._attend_xla(q)
 
     def attention_path(self, q: jax.Array, *, backend=None, compute_capability=None) -> str:
@@ -495,6 +496,7 @@ class QuantizedKVCache:
         from pallas_kernels import common
         from pallas_kernels import decode_attention as da
 
+        backend, compute_capability, _ = kernel_target(backend, compute_capability)
         kw = dict(backend=backend, compute_capability=compute_capability)
         if not da.can_use(q[:, 0], *pages[:2], **kw):
             return "xla"

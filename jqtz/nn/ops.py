@@ -34,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 import jax
@@ -92,23 +93,42 @@ def _pallas_from_env() -> tuple[bool, str]:
     return value in ("1", "on", "true"), "triton"
 
 
-#: (enabled, lowering) of the Pallas GPU kernels (`use_pallas_kernels`; `JQTZ_PALLAS`).
-_PALLAS = [_pallas_from_env()]
+@dataclasses.dataclass(frozen=True)
+class _PallasSetting:
+    enabled: bool
+    lowering: str = "triton"
+    interpret: bool = False
+
+
+#: The Pallas kernels' setting (`use_pallas_kernels`; `JQTZ_PALLAS`), innermost block last.
+_PALLAS = [_PallasSetting(*_pallas_from_env())]
+
+#: The device the kernels are chosen for under `use_pallas_kernels(interpret=True)`.
+_INTERPRET_TARGET = ("gpu", (9, 0))
 
 
 def pallas_kernels_enabled() -> bool:
     """Whether jqtz may use its Pallas GPU kernels (matrix products, decode attention)."""
-    return _PALLAS[-1][0]
+    return _PALLAS[-1].enabled
 
 
 def pallas_lowering() -> str:
     """The Pallas GPU lowering jqtz's kernels prefer: ``"triton"`` (the default) or
     ``"mosaic"`` (see :func:`use_pallas_kernels`)."""
-    return _PALLAS[-1][1]
+    return _PALLAS[-1].lowering
+
+
+def kernel_target(backend=None, compute_capability=None) -> tuple[str, tuple | None, bool]:
+    """`(backend, compute_capability, interpret)` that the kernels are chosen and run for: the
+    arguments, defaulting to this machine's; under `use_pallas_kernels(interpret=True)`, an
+    H100 (compute capability 9.0) whose kernels run in the Pallas interpreter."""
+    if _PALLAS[-1].interpret:
+        return backend or _INTERPRET_TARGET[0], compute_capability or _INTERPRET_TARGET[1], True
+    return backend or jax.default_backend(), compute_capability, False
 
 
 @contextlib.contextmanager
-def use_pallas_kernels(enabled: bool = True, *, lowering: str = "triton"):
+def use_pallas_kernels(enabled: bool = True, *, lowering: str = "triton", interpret: bool = False):
     """Turn jqtz's Pallas GPU kernels on or off inside the block (they are on by default;
     `JQTZ_PALLAS=0` in the environment turns them off for the whole process).
 
@@ -122,6 +142,10 @@ def use_pallas_kernels(enabled: bool = True, *, lowering: str = "triton"):
     decode attention over int8/fp8 caches with one scale per token (docs/kernels.md). Everything
     else keeps the Triton kernel (deprecated in jax 0.11, the default until an H100 run shows
     which lowering is faster).
+
+    `interpret=True` chooses the kernels as on an H100 and runs them in the Pallas interpreter
+    on any machine, a CPU included: to check a model's kernel path where no GPU is. It is slow
+    and says nothing about speed.
 
     Example:
       >>> import jax.numpy as jnp, jqtz
@@ -137,11 +161,15 @@ def use_pallas_kernels(enabled: bool = True, *, lowering: str = "triton"):
       ...     jqtz.nn.matmul_path(jnp.ones((64, 256), jnp.bfloat16), w, backend="gpu",
       ...                         compute_capability=(9, 0))
       'w4a16-mosaic'
+      >>> with jqtz.nn.use_pallas_kernels(interpret=True):  # on this CPU, in the interpreter
+      ...     y = jqtz.nn.dot_general(x, w, (((1,), (0,)), ((), ())))
+      ...     jqtz.nn.matmul_path(x, w), y.shape
+      ('w4a16', (1, 128))
     """
     if lowering not in _LOWERINGS:
         raise ValueError(f"`lowering` must be one of {_LOWERINGS}, got {lowering!r}")
     jax.clear_caches()
-    _PALLAS.append((bool(enabled), lowering))
+    _PALLAS.append(_PallasSetting(bool(enabled), lowering, bool(interpret)))
     try:
         yield
     finally:
@@ -154,7 +182,7 @@ def matmul_path(x, w, *, backend=None, compute_capability=None) -> str:
     Pallas kernel (`"w4a16"`, `"w8a8"`; `"w4a16-mosaic"` for its Mosaic GPU version under
     `use_pallas_kernels(lowering="mosaic")`) or `"xla"`. `backend` and `compute_capability`
     default to the current device's (pass them to ask about a GPU from a CPU machine)."""
-    backend = backend or jax.default_backend()
+    backend, compute_capability, _ = kernel_target(backend, compute_capability)
     if backend != "gpu" or not pallas_kernels_enabled() or not isinstance(w, QArray):
         return "xla"
     from pallas_kernels import dispatch  # imported only where a kernel can run
@@ -167,12 +195,21 @@ def matmul_path(x, w, *, backend=None, compute_capability=None) -> str:
 
 def _kernel_matmul(x, w: QArray):
     """The Pallas kernel's product where `pallas_kernels.dispatch` has one for this backend,
-    shape and format (`matmul_path`); None elsewhere (always on CPU), and the XLA path runs."""
-    if jax.default_backend() != "gpu" or not pallas_kernels_enabled():
+    shape and format (`matmul_path`); None elsewhere (always on CPU unless interpreting), and
+    the XLA path runs."""
+    backend, compute_capability, interpret = kernel_target()
+    if backend != "gpu" or not pallas_kernels_enabled():
         return None
     from pallas_kernels import dispatch  # imported only where a kernel can run
 
-    return dispatch.maybe_matmul(x, w, lowering=pallas_lowering())
+    return dispatch.maybe_matmul(
+        x,
+        w,
+        lowering=pallas_lowering(),
+        interpret=interpret,
+        backend=backend,
+        compute_capability=compute_capability,
+    )
 
 
 def quantize_input(x, rhs: QArray) -> QArray:
