@@ -620,9 +620,12 @@ def cmd_generate(args) -> int:
         from jqtz.models.quantized_kv_cache import quantized_cache_factory
 
         cache = {"cache_factory": quantized_cache_factory(args.kv_cache)}
+    from jqtz.nn.ops import kernel_target
+
+    on_gpu = kernel_target()[0] == "gpu"  # a GPU, or JQTZ_PALLAS=interpret's pretend H100
     dtype = args.dtype
     if dtype == "auto":  # the Pallas kernels take 16-bit activations
-        dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+        dtype = "bfloat16" if on_gpu else "float32"
     config = dataclasses.replace(model.config, dtype=dtype)
     paths = decode_paths(config, model.params, **cache)
     products = collections.Counter(v for k, v in paths.items() if k != "attention")
@@ -657,7 +660,7 @@ def cmd_generate(args) -> int:
         )
     else:
         print(args.prompt + completion)
-        if jax.default_backend() == "gpu":  # where a kernel could have run: say which did
+        if on_gpu:  # where a kernel could have run: say which did
             used = ", ".join(f"{n} on {p}" for p, n in sorted(products.items())) or "none"
             sys.stderr.write(
                 f"{dtype} activations; quantized products: {used}; attention: "
@@ -793,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=("auto", "float32", "bfloat16", "float16"),
         help="activation dtype; auto: bfloat16 on a GPU (the Pallas kernels take 16-bit "
-        "activations), float32 elsewhere",
+        "activations; also under JQTZ_PALLAS=interpret), float32 elsewhere",
     )
     g.set_defaults(func=cmd_generate)
     return parser

@@ -101,6 +101,21 @@ def test_generate_in_bfloat16(q4, capsys):
     assert out["dtype"] == "bfloat16" and out["completion"].strip()
 
 
+def test_generate_through_the_interpreted_kernels(q4, capsys):
+    """As on a GPU (JQTZ_PALLAS=interpret): bfloat16 by default, the products on the W4A16
+    kernel, and a line on stderr that says so."""
+    import jqtz
+
+    argv = ["generate", str(q4), "--prompt", "Once upon a time", "--max-new-tokens", "4"]
+    with jqtz.nn.use_pallas_kernels(interpret=True):
+        out = run_json(capsys, argv)
+        assert main(argv) == 0
+    assert out["dtype"] == "bfloat16"
+    assert out["paths"] == {"products": {"w4a16": 35}, "attention": "xla"}  # head dim 8
+    err = capsys.readouterr().err
+    assert "bfloat16 activations; quantized products: 35 on w4a16; attention: xla" in err
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_generate_with_a_quantized_kv_cache(q4, capsys, kind):
     argv = ["generate", str(q4), "--prompt", "Once upon a time", "--max-new-tokens", "12"]

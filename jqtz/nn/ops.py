@@ -80,17 +80,21 @@ def dot_general(
 _LOWERINGS = ("triton", "mosaic")
 
 
-def _pallas_from_env() -> tuple[bool, str]:
+def _pallas_from_env() -> tuple[bool, str, bool]:
+    """`(enabled, lowering, interpret)` from the environment variable `JQTZ_PALLAS`."""
     value = os.environ.get("JQTZ_PALLAS", "1").strip().lower()
     if value == "mosaic":
-        return True, "mosaic"
+        return True, "mosaic", False
+    if value == "interpret":
+        return True, "triton", True
     if value not in ("0", "1", "off", "on", "false", "true"):
         raise ValueError(
             f"environment variable JQTZ_PALLAS={value!r}: expected 0 (Pallas kernels off), 1 "
-            "(on, the default: Pallas Triton) or mosaic (on, Mosaic GPU where a kernel has a "
-            "Mosaic GPU path); also accepted: off/on, false/true"
+            "(on, the default: Pallas Triton), mosaic (on, Mosaic GPU where a kernel has a "
+            "Mosaic GPU path) or interpret (on, chosen as on an H100 and run in the Pallas "
+            "interpreter on any machine); also accepted: off/on, false/true"
         )
-    return value in ("1", "on", "true"), "triton"
+    return value in ("1", "on", "true"), "triton", False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +134,8 @@ def kernel_target(backend=None, compute_capability=None) -> tuple[str, tuple | N
 @contextlib.contextmanager
 def use_pallas_kernels(enabled: bool = True, *, lowering: str = "triton", interpret: bool = False):
     """Turn jqtz's Pallas GPU kernels on or off inside the block (they are on by default;
-    `JQTZ_PALLAS=0` in the environment turns them off for the whole process).
+    `JQTZ_PALLAS=0` in the environment turns them off for the whole process; `mosaic` and
+    `interpret` there set the options below).
 
     With kernels off, every product and attention takes the XLA path: to compare the two, or
     to rule a kernel out when something looks wrong. The choice is made when a function is

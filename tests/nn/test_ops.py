@@ -237,15 +237,17 @@ def test_mosaic_lowering_is_chosen_where_a_mosaic_path_exists():
 
 
 @pytest.mark.parametrize(
-    "value,enabled,lowering",
-    [("0", False, "triton"), ("off", False, "triton"), ("False", False, "triton"),
-     ("1", True, "triton"), (" on ", True, "triton"), ("Mosaic", True, "mosaic")],
+    "value,enabled,lowering,interpret",
+    [("0", False, "triton", False), ("off", False, "triton", False),
+     ("False", False, "triton", False), ("1", True, "triton", False),
+     (" on ", True, "triton", False), ("Mosaic", True, "mosaic", False),
+     ("interpret", True, "triton", True)],
 )  # fmt: skip
-def test_jqtz_pallas_environment_variable(value, enabled, lowering, monkeypatch):
+def test_jqtz_pallas_environment_variable(value, enabled, lowering, interpret, monkeypatch):
     from jqtz.nn import ops
 
     monkeypatch.setenv("JQTZ_PALLAS", value)
-    assert ops._pallas_from_env() == (enabled, lowering)
+    assert ops._pallas_from_env() == (enabled, lowering, interpret)
 
 
 def test_jqtz_pallas_rejects_unclear_values(monkeypatch):
