@@ -147,3 +147,36 @@ def test_decode_path_through_the_interpreted_kernels_matches_the_xla_path():
     everything, paths = nll(CONFIG, interpret=True)
     assert paths.pop("attention") == "kernel" and set(paths.values()) == {"w4a16"}
     assert abs(everything - xla) < 1e-2  # bf16 activations between layers
+
+
+def test_mosaic_kernels_inside_the_model_match_the_xla_path():
+    """`use_pallas_kernels(lowering="mosaic", interpret=True)` in bfloat16 with aligned dims:
+    the 64-token prefill's W4A16 products and every decode step's attention run on their Mosaic
+    GPU versions (the Mosaic GPU interpreter), the one-row decode products on Triton's; the
+    decode-path NLL is XLA's within bf16 noise."""
+    from jqtz.eval.decode import decode_perplexity
+
+    config = LlamaConfig(vocab_size=96, dim=256, n_layers=2, n_heads=4, n_kv_heads=2,
+                         hidden_dim=512, max_seq_len=128, tie_embeddings=True,
+                         dtype=jnp.bfloat16)  # fmt: skip
+    params = Llama(config).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+    qparams = jqtz.quantize_params(params, [jqtz.Rule(r".*/kernel", default_spec("rtn"))])
+    tokens = jax.random.randint(jax.random.key(1), (80,), 0, config.vocab_size)
+    cache = quantized_cache_factory("int8")
+
+    def nll(**setting):
+        with jqtz.nn.use_pallas_kernels(**setting):
+            paths = decode_paths(config, qparams, cache_factory=cache)
+            prefill = jqtz.nn.matmul_path(
+                jnp.ones((64, config.dim), jnp.bfloat16),
+                qparams["params"]["layers_0"]["mlp"]["up_proj"]["kernel"],
+            )
+            r = decode_perplexity(Llama(config), qparams, tokens, cache, ctx=80, windows=1,
+                                  prefix=64)  # fmt: skip
+        return r.nll, paths, prefill
+
+    mosaic, paths, prefill = nll(lowering="mosaic", interpret=True)
+    assert paths.pop("attention") == "kernel-mosaic" and set(paths.values()) == {"w4a16"}
+    assert prefill == "w4a16-mosaic"
+    xla, _, _ = nll(enabled=False)
+    assert abs(mosaic - xla) < 1e-2
