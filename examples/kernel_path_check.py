@@ -15,11 +15,12 @@ Rows:
   applied in float32) and the attention on the decode kernel.
 
 Held-out text: tinyshakespeare.txt[900000:]; windows of `--ctx` tokens, no BOS, decoded one
-token at a time (`jqtz.eval.decode.decode_perplexity`). The interpreter is slow (about 0.7 s
-per token on 2 cores) and says nothing about speed.
+token at a time (`jqtz.eval.decode.decode_perplexity`). The interpreter is slow (the kernel row
+took 74 s for 2 windows of 128 tokens on the 2-core dev machine, docs/results.md) and says
+nothing about speed.
 
 Usage:
-  python examples/kernel_path_check.py                  # 2 windows of 128 tokens, ~4 minutes
+  python examples/kernel_path_check.py                  # 2 windows of 128 tokens
   python examples/kernel_path_check.py --method nf4
 """
 

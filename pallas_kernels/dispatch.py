@@ -106,6 +106,8 @@ def maybe_matmul(
     Returns:
       `[..., N]` in `result_type(x.dtype, w.dtype)` (as `jqtz.nn.dot_general`), or None.
     """
+    if w4a16.supports_qarray(w) is None:  # the W4A16 view, once (kernel_for reads it too)
+        w = w4a16.prepare(w)
     name = kernel_for(
         x, w, backend=backend, compute_capability=compute_capability, lowering=lowering
     )
@@ -119,6 +121,5 @@ def maybe_matmul(
             xq, sx, w.qvalue, w.scale_values(), out_dtype=out_dtype, interpret=interpret
         )
         return y.reshape(*x.shape[:-1], w.shape[1])
-    packed = w if isinstance(w, w4a16.PackedWeight) else w4a16.prepare(w)
     config = w4a16.MosaicConfig() if name == "w4a16-mosaic" else None
-    return w4a16.matmul(x, packed, config=config, interpret=interpret)
+    return w4a16.matmul(x, w, config=config, interpret=interpret)
