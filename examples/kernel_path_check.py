@@ -5,7 +5,8 @@ serving path through them on a CPU (`jqtz.nn.use_pallas_kernels(interpret=True)`
 chosen as on an H100, run by the Pallas interpreter) and compares the decode-path perplexity
 with the XLA path on the same weights and cache. Weights: W4 RTN with jqtz's defaults (uint4,
 groups of 128: SmolLM2's dims 576, 192 and 1536 are not multiples of the kernels' tiles, so the
-masked tails run), or NF4 with `--method nf4`. Cache: int8 per token (every decode step's
+masked tails run), NF4 with `--method nf4`, or RTN on the 3- or 2-bit grid with `--bits 3`
+(codes in words of 3 bytes) or `--bits 2`. Cache: int8 per token (every decode step's
 attention on the decode-attention kernel, head dim 64).
 
 Rows:
@@ -22,6 +23,7 @@ nothing about speed.
 Usage:
   python examples/kernel_path_check.py                  # 2 windows of 128 tokens
   python examples/kernel_path_check.py --method nf4
+  python examples/kernel_path_check.py --bits 3
 """
 
 from __future__ import annotations
@@ -51,13 +53,16 @@ SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", choices=("rtn", "nf4"), default="rtn")
+    ap.add_argument("--bits", type=int, choices=(2, 3, 4), default=4, help="RTN's grid")
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=128)
     args = ap.parse_args(argv)
     print(f"# {time.strftime('%Y-%m-%d')}, jax {jax.__version__}, {platform.machine()}, "
           f"{os.cpu_count()} cores")  # fmt: skip
     config, params, tok = load_gguf(smollm2_path())
-    spec = default_spec(args.method)
+    if args.method == "nf4" and args.bits != 4:
+        ap.error("--bits: NF4 is a 4-bit format")
+    spec = default_spec(args.method, bits=args.bits)
     qparams = jqtz.quantize_params(params, [jqtz.Rule(r".*/kernel", spec)])
     tokens = tokenize((SHARED / "tinyshakespeare.txt").read_text()[900000:], tok)
     cache = quantized_cache_factory("int8")

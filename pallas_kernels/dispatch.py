@@ -95,7 +95,7 @@ def maybe_matmul(
 
     Args:
       x: activations, contracted over their last axis.
-      w: a `jqtz.QArray` (weight-only int4/uint4/int8/uint8/nf4, or W8A8 int8/fp8_e4m3 with
+      w: a `jqtz.QArray` (weight-only int2/3/4/8, uint2/3/4/8 or nf4, or W8A8 int8/fp8_e4m3 with
         per-channel weight and dynamic per-token activation scales) or a `w4a16.PackedWeight`.
       lowering: "triton" (the default), or "mosaic" to run the Mosaic GPU version of the kernel
         where it has one for these operands (W4A16 with more than 16 rows, on a Hopper GPU).

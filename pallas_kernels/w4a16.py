@@ -1,10 +1,11 @@
-"""Weight-only quantized matrix product (W4A16 / W8A16) with group-wise scales and zero points.
+"""Weight-only quantized matrix product (W4A16 / W8A16, and 2/3-bit) with group-wise scales and
+zero points.
 
 `y[m, n] = sum_k x[m, k] * (code[k, n] - zero[k // g, n]) * scale[k // g, n]` for a flax kernel
-`W [K, N]` stored as a `jqtz.QArray` (int4/uint4/int8/uint8, groups of `g` along K, or one scale
-per output channel), and bf16/f16 activations `x [M, K]`. NF4 weights (QLoRA's 16 levels) take
-the same path with `level[code]` in place of `code - zero`: a tree of 15 selects on the code's
-bits with the levels as constants, rounded once to the activation dtype.
+`W [K, N]` stored as a `jqtz.QArray` (int2/3/4/8 or uint2/3/4/8, groups of `g` along K, or one
+scale per output channel), and bf16/f16 activations `x [M, K]`. NF4 weights (QLoRA's 16
+levels) take the same path with `level[code]` in place of `code - zero`: a tree of 15 selects on
+the code's bits with the levels as constants, rounded once to the activation dtype.
 
 The kernel works group by group: it unpacks one group of codes to 16 bits in registers, takes
 the exact integer-valued product with `x` on the tensor cores (float32 accumulation) and applies
@@ -13,11 +14,14 @@ instead of `N*K`. Small M (decode, M <= 16) takes one 16-row tile (rows past M m
 padded) and splits K across programs so that a GEMV fills the GPU; the partial sums, M rows of
 them, are added by XLA.
 
-Layout: the kernel reads the `QArray`'s own storage in place, for every shape (4-bit codes
-packed two per byte along N, two's complement or with uint8 zero points; scales
-`[ceil(K/g), N]`): each step unpacks the low and high nibbles into two half-width products that
-land on the even and odd output columns. K need not be a multiple of the kernel group `kg`
-(128, 64 or 32, dividing `g`) nor N of the tile: the last step's rows and the last tile's
+Layout: the kernel reads the `QArray`'s own storage in place, for every shape (sub-byte codes
+packed along N in words of `per_word` codes, `word_layout`: two 4-bit codes per byte, four
+2-bit codes per byte, eight 3-bit codes per 3 bytes; two's complement or with uint8 zero
+points; scales `[ceil(K/g), N]`): each step unpacks a word's fields into `per_word` narrow
+products that land on the output columns `p (mod per_word)` (4-bit: the low and high nibbles
+on the even and odd columns; 3-bit: the word's three bytes are three loads of `[K, words, 3]`,
+a free reshape, combined into one 32-bit word). K need not be a multiple of the kernel group
+`kg` (128, 64 or 32, dividing `g`) nor N of the tile: the last step's rows and the last tile's
 columns are masked loads, so `prepare` never copies the codes. Act-order permutations are
 applied to `x` (a gather of the activations) instead of the weight.
 
@@ -58,10 +62,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
+from jqtz import _packing
 from pallas_kernels import common
 
 _KERNEL_GROUPS = (128, 64, 32)
-_FORMATS = ("int4", "uint4", "int8", "uint8", "nf4")
+_FORMATS = ("int2", "uint2", "int3", "uint3", "int4", "uint4", "int8", "uint8", "nf4")
 _ACT_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 _SCALE_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 #: Largest M that takes the decode (split-K, 16-row tile) path.
@@ -138,11 +143,13 @@ class MosaicConfig:
         common.check_mosaic_config(self)
 
 
-def default_config(m: int, n: int, num_groups: int) -> TuningConfig:
-    """H100 defaults for `m` rows, `n` output columns and `num_groups` kernel groups along K
-    (frozen until a GPU run tunes them; see docs/kernels.md). Tiles are 128 columns wide, or 64
-    where that covers N exactly and 128 would not (no masked last tile)."""
-    block_n = 64 if n % 128 and n % 64 == 0 else 128
+def default_config(m: int, n: int, num_groups: int, *, bits: int = 4) -> TuningConfig:
+    """H100 defaults for `m` rows, `n` output columns, `num_groups` kernel groups along K and
+    `bits`-bit codes (frozen until a GPU run tunes them; see docs/kernels.md). Tiles are 128
+    columns wide, or 64 where that covers N exactly and 128 would not (no masked last tile) and
+    the codes allow it (`min_block_n`)."""
+    narrow = n % 128 and n % 64 == 0 and min_block_n(bits) <= 64
+    block_n = 64 if narrow else 128
     if m <= SMALL_M:
         tiles = common.cdiv(n, block_n)
         split = max(1, min(num_groups, common.cdiv(2 * H100_SMS, tiles)))
@@ -156,12 +163,13 @@ class PackedWeight:
     """A weight-only `QArray [K, N]` as the kernel reads it: the QArray's own arrays, unpadded.
 
     Attributes:
-      codes: 4-bit: uint8 `[K, ceil(N/2)]` packed along N as in `QArray` (column 2j in the low
-        nibble, 2j+1 in the high one; two's complement when `signed`); 8-bit: int8/uint8 `[K, N]`.
+      codes: sub-byte: uint8 `[K, packed_length(N, bits)]` packed along N as in `QArray` (for
+        4-bit, column 2j in the low nibble, 2j+1 in the high one; `word_layout` in general;
+        two's complement when `signed`); 8-bit: int8/uint8 `[K, N]`.
       scale: `[ceil(K/g), N]` float32/bfloat16/float16: the QArray's scales.
       zero: uint8 `[ceil(K/g), N]` zero points, or None for symmetric (signed) codes.
       perm: int32 `[K]` act-order permutation (stored row j is logical row perm[j]) or None.
-      bits: 4 or 8.  signed: codes are two's complement (no zero points).
+      bits: 2, 3, 4 or 8.  signed: codes are two's complement (no zero points).
       levels: for lookup formats (NF4), the 16 values the 4-bit codes index; None for integers.
       qgroup: the QArray's group size along K (`K` for one scale per column).
       group: the kernel group `kg`: rows per inner step, a power of two that divides `qgroup`.
@@ -273,6 +281,18 @@ def prepare(qarray) -> PackedWeight:
     )
 
 
+def word_layout(bits: int) -> tuple[int, int]:
+    """(codes per word, bytes per word) of the packed codes: (4, 1) for 2-bit, (8, 3) for 3-bit,
+    (2, 1) for 4-bit (the QArray's packing, docs/formats.md), (1, 1) for 8-bit."""
+    return (1, 1) if bits == 8 else _packing.word_layout(bits)
+
+
+def min_block_n(bits: int) -> int:
+    """Narrowest tile for `bits`-bit codes: each of a word's `per_word` products is at least 16
+    columns wide (the tensor cores' smallest operand)."""
+    return 16 * word_layout(bits)[0]
+
+
 def _lookup(codes, levels: tuple[float, ...]):
     """`levels[codes]` (float32) for 4-bit codes: a tree of 15 selects on the code bits, one
     level of the tree per bit, with the levels as constants (no gather, no table in memory)."""
@@ -308,8 +328,8 @@ def _kernel(
     zero_ref = rest[0] if len(rest) == 2 else None
     o_ref = rest[-1]
     bm = x_ref.shape[0]
-    per_byte = 2 if bits == 4 else 1
-    bn = codes_ref.shape[1] * per_byte
+    per_word, word_bytes = word_layout(bits)
+    wn = codes_ref.shape[1]  # words (of `per_word` columns) per tile
     iota = functools.partial(jax.lax.broadcasted_iota, jnp.int32)
     # Rows of `x` past M (a decode tile has 16 rows for one token) are not read: a masked load
     # instead of padding `x` in XLA, and, with `planes`, not written either.
@@ -318,18 +338,16 @@ def _kernel(
     start = pl.program_id(2) * groups_per_split
     stop = jnp.minimum(start + groups_per_split, num_groups)
     act_dtype = x_ref.dtype
-    # 4-bit codes of columns 2j and 2j+1 share a byte: two half-width products per step, whose
-    # results land on the even and odd output columns (strided stores, once per tile).
-    cols = (
-        [pl.ds(0, bn // 2, stride=2), pl.ds(1, bn // 2, stride=2)] if bits == 4 else [slice(None)]
-    )
-    # The last tile may reach past N: its code bytes there are masked loads of zeros (the
-    # codes are not padded; scales and zero points are, in XLA), and those output columns are
-    # sliced off by XLA.
-    code_width = -(-n // per_byte)
+    # Sub-byte codes of columns `per_word*j + p` share word j: `per_word` narrow products per
+    # step, whose results land on the columns p (mod per_word) (strided stores, once per tile).
+    cols = [pl.ds(p, wn, stride=per_word) for p in range(per_word)] if bits < 8 else [slice(None)]
+    # The last tile may reach past N: its words there are masked loads of zeros (the codes are
+    # not padded; scales and zero points are, in XLA), and those output columns are sliced off
+    # by XLA.
     code_cols = None
-    if -(-n // bn) * bn != n:
-        code_cols = pl.program_id(1) * (bn // per_byte) + iota((1, bn // per_byte), 1) < code_width
+    if -(-n // (wn * per_word)) * wn * per_word != n:
+        code_cols = pl.program_id(1) * wn + iota((1, wn), 1) < -(-n // per_word)
+    half = 2 ** (bits - 1)
 
     def dequant(codes, srow, c):
         """Codes of one step (kg, width) -> (code - zero) in the activation dtype (exact), or
@@ -339,8 +357,8 @@ def _kernel(
         v = codes.astype(jnp.float32)
         if zero_ref is not None:
             v = v - zero_ref[pl.ds(srow, 1), c].astype(jnp.float32)
-        elif bits == 4:  # two's complement nibble, read unsigned: biased by 8
-            v = v - 8.0
+        elif bits < 8:  # a two's complement field, read unsigned with its sign bit flipped
+            v = v - float(half)
         return v.astype(act_dtype)
 
     def body(gi, accs):
@@ -351,25 +369,30 @@ def _kernel(
             k_rows = gi * kg + iota((kg, 1), 0) < k
             c_mask = k_rows if c_mask is None else k_rows & c_mask
         xg = pltriton.load(x_ref.at[:, pl.ds(gi * kg, kg)], mask=x_mask, other=0)  # (bm, kg)
-        b = _load(codes_ref.at[pl.ds(gi * kg, kg), :], c_mask)  # (kg, bn/2) uint8 or (kg, bn)
-        if bits == 4:
-            lo, hi = b & 0xF, b >> 4
-            if signed:
-                lo, hi = lo ^ 8, hi ^ 8
-            parts = (lo, hi)
+        step = pl.ds(gi * kg, kg)
+        if bits == 8:
+            parts = (_load(codes_ref.at[step], c_mask),)  # (kg, bn) int8/uint8
         else:
-            parts = (b,)
+            if word_bytes == 1:
+                word = _load(codes_ref.at[step], c_mask)  # (kg, wn) uint8
+            else:  # (kg, wn, word_bytes) little-endian bytes -> one int32 word per `per_word` codes
+                word = sum(
+                    _load(codes_ref.at[step, :, jnp.int32(i)], c_mask).astype(jnp.int32) << (8 * i)
+                    for i in range(word_bytes)
+                )
+            parts = tuple((word >> (bits * p)) & (2**bits - 1) for p in range(per_word))
+            if signed:
+                parts = tuple(f ^ half for f in parts)
         out = []
         for acc, codes, c in zip(accs, parts, cols, strict=True):
             p = jnp.dot(xg, dequant(codes, srow, c), preferred_element_type=jnp.float32)
             out.append(acc + p * scale_ref[pl.ds(srow, 1), c].astype(jnp.float32))
         return tuple(out)
 
-    width = bn // len(cols)
-    init = tuple(jnp.zeros((bm, width), jnp.float32) for _ in cols)
+    init = tuple(jnp.zeros((bm, wn), jnp.float32) for _ in cols)
     accs = jax.lax.fori_loop(start, stop, body, init)
     for plane, (acc, c) in enumerate(zip(accs, cols, strict=True)):
-        if planes:  # even (or all) columns in plane 0, odd ones in plane 1: contiguous rows
+        if planes:  # columns p (mod per_word) in plane p: contiguous rows
             dst = o_ref.at[pl.ds(plane, 1)]
             pltriton.store(dst, acc.astype(o_ref.dtype)[None], mask=live[None])
         else:
@@ -405,36 +428,49 @@ def matmul(
     if w.perm is not None:
         x2 = jnp.take(x2, w.perm, axis=1)
     m = x2.shape[0]
-    cfg = config or default_config(m, w.n, w.num_groups)
+    cfg = config or default_config(m, w.n, w.num_groups, bits=w.bits)
     if isinstance(cfg, MosaicConfig):
         common.require_hopper_for_mosaic(interpret)
         y = _mosaic_matmul(x2, w, cfg, out_dtype, interpret)
         return y.reshape(*lead, w.n)
+    if cfg.block_n < min_block_n(w.bits):
+        raise ValueError(
+            f"TuningConfig.block_n={cfg.block_n} is too narrow for {w.bits}-bit codes: each of a "
+            f"word's {word_layout(w.bits)[0]} products needs 16 columns; use block_n >= "
+            f"{min_block_n(w.bits)}"
+        )
     split = min(cfg.split_k, w.num_groups)
     per_split = common.cdiv(w.num_groups, split)
     split = common.cdiv(w.num_groups, per_split)
     n_tiles = common.cdiv(w.n, cfg.block_n)
     n_out = n_tiles * cfg.block_n  # output columns past N are computed as zeros, sliced off
     grid = (common.cdiv(m, cfg.block_m), n_tiles, split)
-    code_cols = cfg.block_n // 2 if w.bits == 4 else cfg.block_n
+    per_word, word_bytes = word_layout(w.bits)
+    codes = w.codes
+    code_spec = pl.BlockSpec((w.k_padded, cfg.block_n // per_word), lambda i, j, s: (0, j))
+    if word_bytes > 1:  # 3-bit words span 3 bytes: [K, words, 3], a free reshape
+        codes = codes.reshape(w.k, -1, word_bytes)
+        code_spec = pl.BlockSpec(
+            (w.k_padded, cfg.block_n // per_word, word_bytes), lambda i, j, s: (0, j, 0)
+        )
     srows = w.scale.shape[0]
     in_specs = [
         pl.BlockSpec((cfg.block_m, w.k_padded), lambda i, j, s: (i, 0)),
-        pl.BlockSpec((w.k_padded, code_cols), lambda i, j, s: (0, j)),
+        code_spec,
         pl.BlockSpec((srows, cfg.block_n), lambda i, j, s: (0, j)),
     ]
     # Scales and zero points of a ragged N are padded (a copy of [ceil(K/g), N] values, not of
     # the codes): the kernel reads them with strided loads, which have no masked form here.
-    args = [x2, w.codes, common.pad_axis(w.scale, 1, n_out)]
+    args = [x2, codes, common.pad_axis(w.scale, 1, n_out)]
     if w.zero is not None:
         in_specs.append(pl.BlockSpec((srows, cfg.block_n), lambda i, j, s: (0, j)))
         args.append(common.pad_axis(w.zero, 1, n_out))
-    # Split-K partial sums (decode) go to float32 planes of exactly M rows, even and odd
-    # columns apart so that the masked stores are contiguous; XLA adds the splits and
-    # interleaves the planes in one fusion. A single split writes the tile in place (rows past
-    # M are zeros, sliced off).
+    # Split-K partial sums (decode) go to float32 planes of exactly M rows, one per column
+    # residue mod `per_word` (even and odd columns for 4-bit codes) so that the masked stores
+    # are contiguous; XLA adds the splits and interleaves the planes in one fusion. A single
+    # split writes the tile in place (rows past M are zeros, sliced off).
     planes = split > 1
-    n_planes = 2 if w.bits == 4 else 1
+    n_planes = per_word
     if planes:
         width = cfg.block_n // n_planes
         out_spec = pl.BlockSpec((None, n_planes, cfg.block_m, width), lambda i, j, s: (s, 0, i, j))
@@ -465,7 +501,7 @@ def matmul(
         interpret=interpret,
         name=f"{'nf4' if w.levels else f'w{w.bits}'}a16_g{w.qgroup}",
     )(*args)
-    # Planes: add the splits and interleave the planes, [plane, M, N/2] -> [M, N].
+    # Planes: add the splits and interleave the planes, [plane, M, N/planes] -> [M, N].
     y = jnp.moveaxis(out.sum(axis=0), 0, -1).reshape(m, n_out) if planes else out[0, :m]
     return y[:, : w.n].astype(out_dtype).reshape(*lead, w.n)
 
@@ -599,11 +635,8 @@ def _mosaic_matmul(x2, w: PackedWeight, cfg: MosaicConfig, out_dtype, interpret)
 def dequantize(w: PackedWeight) -> jax.Array:
     """The float32 weight `[K, N]` in stored row order (before undoing `perm`)."""
     codes = w.codes
-    if w.bits == 4:
-        lo, hi = codes & 0xF, codes >> 4
-        codes = jnp.stack([lo, hi], axis=-1).reshape(w.k, -1)[:, : w.n].astype(jnp.int32)
-        if w.signed:
-            codes = jnp.where(codes >= 8, codes - 16, codes)
+    if w.bits < 8:  # jqtz's own unpacking: the reference does not share the kernel's
+        codes = _packing.unpack(codes, w.bits, w.n, signed=w.signed).astype(jnp.int32)
     rows = jnp.arange(w.k) // w.qgroup
     vals = codes.astype(jnp.float32)
     if w.levels is not None:
@@ -656,12 +689,12 @@ MOSAIC_TUNE_CANDIDATES = (
 )
 
 
-def tune_candidates(m: int, n: int, num_groups: int) -> list:
-    """The configs `--tune` tries for `m` rows (the default first): block_n, split-K and launch
-    parameters around the default for decode; for larger M, Triton block sizes and launch
-    parameters alternating with `MOSAIC_TUNE_CANDIDATES`, so that a sweep cut short by its time
-    budget has tried both lowerings."""
-    out = [default_config(m, n, num_groups)]
+def tune_candidates(m: int, n: int, num_groups: int, *, bits: int = 4) -> list:
+    """The configs `--tune` tries for `m` rows and `bits`-bit codes (the default first):
+    block_n, split-K and launch parameters around the default for decode; for larger M, Triton
+    block sizes and launch parameters alternating with `MOSAIC_TUNE_CANDIDATES` (4-bit only),
+    so that a sweep cut short by its time budget has tried both lowerings."""
+    out = [default_config(m, n, num_groups, bits=bits)]
     launch = ((4, 3), (4, 4), (8, 3))
     if m <= SMALL_M:
         for bn in (64, 128, 256):
@@ -677,19 +710,22 @@ def tune_candidates(m: int, n: int, num_groups: int) -> list:
             for bn in (64, 128, 256)
             for warps, stages in launch
         ]
-        mosaic = list(MOSAIC_TUNE_CANDIDATES)
+        mosaic = list(MOSAIC_TUNE_CANDIDATES) if bits == 4 else []
         while triton or mosaic:
             out += [c.pop(0) for c in (triton, mosaic) if c]
 
     def fits(c):  # Mosaic tiles that would pad the weight on every call are not tried
-        return not isinstance(c, MosaicConfig) or n % c.tile_n == 0
+        if isinstance(c, MosaicConfig):
+            return n % c.tile_n == 0
+        return c.block_n >= min_block_n(bits)
 
     return list(dict.fromkeys(c for c in out if fits(c)))
 
 
 def check_ragged(report, *, smoke=False) -> list[dict]:
     """Correctness only, no timing: the default configs on `common.RAGGED_SHAPES`, M = 1 and 64,
-    with zero-point int4 (groups of 128) and NF4 (groups of 64, double-quantized) weights,
+    with zero-point int4 (groups of 128), NF4 (groups of 64, double-quantized), zero-point
+    3-bit (groups of 128: words of 3 bytes) and symmetric 2-bit (groups of 64) weights,
     against `reference`. On a GPU this is where the masked K and N tails are compiled and run;
     `smoke` runs the first shape in the interpreter. Returns one dict per case."""
     import jqtz
@@ -701,6 +737,10 @@ def check_ragged(report, *, smoke=False) -> list[dict]:
         "nf4 g64": jqtz.QuantSpec(
             format="nf4", granularity="group", group_size=64, double_quant=True
         ),
+        "uint3 g128": jqtz.QuantSpec(
+            format="int3", granularity="group", group_size=128, symmetric=False
+        ),
+        "int2 g64": jqtz.QuantSpec(format="int2", granularity="group", group_size=64),
     }
     rows = []
     for si, (k, n) in enumerate(common.RAGGED_SHAPES[: 1 if smoke else None]):
@@ -736,7 +776,7 @@ def benchmark(
     ms = (1, 64) if smoke else (1, 4, 16, 64, 256)
     tune_ms = (1, 64) if smoke else (1, 64, 256)
     bw = common.measure_copy_bandwidth(1 << 20 if smoke else 1 << 30)
-    fmt = "int4" if bits == 4 else "int8"
+    fmt = f"int{bits}"
     grid = "symmetric" if symmetric else "zero points"
     report(f"w{bits}a16, groups of {group}, {grid}; copy {bw / 1e9:.0f} GB/s")
     report(f"{'M':>5} {'N':>6} {'K':>6} {'default us':>10} {'best us':>8} {'bf16 us':>8} "
@@ -767,10 +807,10 @@ def benchmark(
                 err = common.relative_error(fn(*sets[0]), ref)
                 return common.time_per_call(fn, sets, iters=iters), err
 
-            base_cfg = default_config(m, pw.n, pw.num_groups)
+            base_cfg = default_config(m, pw.n, pw.num_groups, bits=bits)
             cands = []
             if tune and m in tune_ms:
-                cands = tune_candidates(m, pw.n, pw.num_groups)
+                cands = tune_candidates(m, pw.n, pw.num_groups, bits=bits)
                 if si:  # the first shape's three fastest for this M
                     cands = [c for c in winners.get(m, []) if c in cands]
                 cands = cands[:3] if smoke else cands
@@ -804,7 +844,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", action="store_true", help="time the kernel on the GPU")
     parser.add_argument("--tune", action="store_true", help="also sweep tune_candidates")
-    parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument(
         "--symmetric", action="store_true", help="codes without zero points (default: with)"

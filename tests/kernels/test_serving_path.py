@@ -49,13 +49,23 @@ def pretend_h100(monkeypatch):
     monkeypatch.setattr(common, "gpu_compute_capability", lambda: (9, 0))
 
 
-@pytest.mark.parametrize("method", ["rtn", "nf4", "smoothquant"])
+#: Weight specs the serving tests run: name -> (method, bits).
+SPECS = {"rtn": ("rtn", 4), "nf4": ("nf4", 4), "rtn-3bit": ("rtn", 3), "rtn-2bit": ("rtn", 2),
+         "smoothquant": ("smoothquant", 8)}  # fmt: skip
+
+
+def _spec(name):
+    method, bits = SPECS[name]
+    return default_spec(method, bits=bits)
+
+
+@pytest.mark.parametrize("method", ["rtn", "nf4", "rtn-3bit", "smoothquant"])
 def test_generate_lowers_with_a_kernel_for_every_product_and_the_decode_attention(
     pretend_h100, method
 ):
     prompt = jnp.ones((1, 8), jnp.int32)
     params = Llama(CONFIG).init(jax.random.key(0), prompt)
-    qparams = jqtz.quantize_params(params, [jqtz.Rule(r".*/kernel", default_spec(method))])
+    qparams = jqtz.quantize_params(params, [jqtz.Rule(r".*/kernel", _spec(method))])
     cache = quantized_cache_factory("int8")
     paths = decode_paths(CONFIG, qparams, cache_factory=cache)
     assert paths.pop("attention") == "kernel"
@@ -99,15 +109,16 @@ def _dequantized_logits(config, params, tokens):
         return jax.jit(Llama(config).apply)(params, tokens).astype(jnp.float32)
 
 
-@pytest.mark.parametrize("method", ["rtn", "nf4"])
+@pytest.mark.parametrize("method", ["rtn", "nf4", "rtn-3bit", "rtn-2bit"])
 def test_real_model_through_the_interpreted_kernels_matches_the_xla_path(shared_data, method):
     """stories260K (dim 64, FFN 172: K and N off the tiles) in bfloat16 with default-spec
-    weights: logits with every product on the W4A16 kernel (interpreted) against XLA's."""
+    weights (4-bit, NF4, and the 3- and 2-bit grids): logits with every product on the W4A16
+    kernel (interpreted) against XLA's."""
     from jqtz.io.llama2c import load_llama2c
 
     config, params = load_llama2c(shared_data / "stories260K.bin")
     config = dataclasses.replace(config, dtype=jnp.bfloat16)
-    qparams = jqtz.quantize_params(params, [jqtz.Rule(r".*/kernel", default_spec(method))])
+    qparams = jqtz.quantize_params(params, [jqtz.Rule(r".*/kernel", _spec(method))])
     tokens = jnp.asarray([[1, 403, 407, 261, 378, 448, 409, 259, 21, 1, 356, 431]], jnp.int32)
     with jqtz.nn.use_pallas_kernels(interpret=True):
         paths = decode_paths(config, qparams)

@@ -47,6 +47,14 @@ CASES = {
     "nf4_g64_double_quant": (3, 256, 128, "nf4", 64, True, {"double_quant": True}),
     "nf4_ragged_m20": (20, 200, 72, "nf4", 64, True, {}),
     "int8_channel_large_m": (65, 128, 128, "int8", None, True, {}),
+    # 3-bit words (8 codes in 3 bytes) and 2-bit bytes (4 codes), off the tiles in K and N.
+    "int3_g128_m1": (1, 256, 128, "int3", 128, True, {}),
+    "uint3_smollm2_k576_n192_m20": (20, 576, 192, "int3", 128, False, {}),
+    "int3_g32_odd_n129": (1, 64, 129, "int3", 32, True, {}),
+    "uint3_channel_large_m": (70, 192, 256, "int3", None, False, {}),
+    "int2_g64_ragged": (5, 300, 200, "int2", 64, True, {}),
+    "uint2_g128_m16": (16, 256, 128, "int2", 128, False, {}),
+    "uint2_odd_n129_k200": (3, 200, 129, "int2", 32, False, {}),
 }
 
 
@@ -178,12 +186,27 @@ def test_prepare_never_copies_the_codes(k, n):
     assert pw.codes is qw.qvalue and pw.scale is qw.scale and pw.zero is qw.zero_point
 
 
+@pytest.mark.parametrize("fmt, bits", [("int3", 3), ("int2", 2)])
+def test_low_bit_split_k_reads_every_column_residue(fmt, bits):
+    """Split-K writes one float32 plane per column residue mod the codes per word (8 for
+    3-bit, 4 for 2-bit), which XLA adds and interleaves; every split count gives the same."""
+    qw = _qweight(512, 256, fmt, 64, False)
+    x = jax.random.normal(jax.random.key(6), (2, 512), jnp.bfloat16)
+    pw = w4a16.prepare(qw)
+    assert pw.codes is qw.qvalue and pw.bits == bits
+    ref = w4a16.reference(x, pw)
+    for split in (1, 3):
+        cfg = w4a16.TuningConfig(block_m=16, block_n=w4a16.min_block_n(bits), split_k=split)
+        assert _rel(w4a16.matmul(x, pw, config=cfg, interpret=True), ref) < 1e-5, split
+    with pytest.raises(ValueError, match="too narrow"):
+        w4a16.matmul(x, pw, config=w4a16.TuningConfig(block_n=16), interpret=True)
+
+
 def test_unsupported_formats_raise():
-    for fmt, extra in (("int3", {}), ("int2", {}), ("fp8_e4m3", {})):
-        qw = _qweight(128, 128, fmt, 64, True, **extra)
-        assert w4a16.supports_qarray(qw) is not None
-        with pytest.raises(NotImplementedError, match=fmt):
-            w4a16.prepare(qw)
+    qw = _qweight(128, 128, "fp8_e4m3", 64, True)
+    assert w4a16.supports_qarray(qw) is not None
+    with pytest.raises(NotImplementedError, match="fp8_e4m3"):
+        w4a16.prepare(qw)
     qw = _qweight(144, 128, "int4", 48, True)  # group 48: not a multiple of 32
     assert "48" in w4a16.supports_qarray(qw)
 
@@ -207,6 +230,9 @@ LOWER_CASES = {
     "int8_g128_m256": (256, 512, 256, "int8", 128, True),
     "uint8_channel_m8": (8, 256, 128, "int8", None, False),
     "nf4_g64_m1": (1, 2048, 512, "nf4", 64, True),
+    "int3_g128_m1": (1, 4096, 1024, "int3", 128, True),
+    "uint3_ragged_m100": (100, 300, 200, "int3", 64, False),
+    "uint2_g64_m16": (16, 576, 192, "int2", 64, False),
 }
 
 
@@ -246,6 +272,14 @@ def test_ragged_weights_are_read_in_place():
     assert w4a16.default_config(1, 192, 5).block_n == 64
     text = common.lower_for_cuda(w4a16.matmul, x, pw)
     assert "stablehlo.pad" not in text
+    # 3-bit codes ([576, 72] bytes: 24 words of 3 bytes) are read in place too, through
+    # [576, 24, 3] (a reshape, no copy); 128-column tiles at least, so the scales are padded.
+    pw3 = w4a16.prepare(_qweight(576, 192, "int3", 128, False, scale_dtype="bfloat16"))
+    assert w4a16.default_config(1, 192, 5, bits=3).block_n == 128
+    text = common.lower_for_cuda(w4a16.matmul, x, pw3)
+    pads = [line for line in text.splitlines() if "stablehlo.pad" in line]
+    assert len(pads) == 2 and all("(tensor<5x192x" in line for line in pads), pads
+    assert "tensor<576x24x3xui8>" in text
 
 
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "zero_points"])
@@ -271,8 +305,9 @@ def test_can_use():
     assert not w4a16.can_use(x, qw, backend="gpu", compute_capability=(7, 5))
     assert not w4a16.can_use(jax.ShapeDtypeStruct((1, 256), jnp.float32), qw, **h100)
     assert not w4a16.can_use(jax.ShapeDtypeStruct((1, 128), jnp.bfloat16), qw, **h100)
-    assert not w4a16.can_use(x, _qweight(256, 128, "int3", 64), **h100)
+    assert not w4a16.can_use(x, _qweight(256, 128, "fp8_e4m3", 64), **h100)
     assert w4a16.can_use(x, _qweight(256, 128, "nf4", 64), **h100)
+    assert w4a16.can_use(x, _qweight(256, 128, "int3", 64), **h100)
 
 
 def test_dispatch_choice_and_fallback():
@@ -292,6 +327,11 @@ def test_dispatch_choice_and_fallback():
     nf4 = _qweight(256, 128, "nf4", 64, True, double_quant=True)
     assert dispatch.kernel_for(x, nf4, **h100) == "w4a16"
     assert dispatch.kernel_for(prefill, nf4, lowering="mosaic", **h100) == "w4a16"
+    # 2- and 3-bit codes (GPTQ's low-bit grids): Triton only.
+    for fmt in ("int3", "int2"):
+        low = _qweight(256, 128, fmt, 128, False)
+        assert dispatch.kernel_for(x, low, **h100) == "w4a16"
+        assert dispatch.kernel_for(prefill, low, lowering="mosaic", **h100) == "w4a16"
     assert dispatch.kernel_for(x, aligned, backend="cpu") is None
     # On this CPU machine the XLA path is always kept.
     assert dispatch.maybe_matmul(x, aligned) is None
