@@ -5,15 +5,16 @@ serving path through them on a CPU (`jqtz.nn.use_pallas_kernels(interpret=True)`
 chosen as on an H100, run by the Pallas interpreter) and compares the decode-path perplexity
 with the XLA path on the same weights and cache. Weights: W4 RTN with jqtz's defaults (uint4,
 groups of 128: SmolLM2's dims 576, 192 and 1536 are not multiples of the kernels' tiles, so the
-masked tails run), NF4 with `--method nf4`, or RTN on the 3- or 2-bit grid with `--bits 3`
-(codes in words of 3 bytes) or `--bits 2`. Cache: int8 per token (every decode step's
+masked tails run), NF4 with `--method nf4`, RTN on the 3- or 2-bit grid with `--bits 3`
+(codes in words of 3 bytes) or `--bits 2`, or FP8 e4m3 W8A8 with `--method fp8` (per-channel
+weights, dynamic per-token activations: the w8a8 kernel). Cache: int8 per token (every decode step's
 attention on the decode-attention kernel, head dim 64).
 
 Rows:
 - float32, XLA: the reference (float32 activations; the kernels take 16-bit ones);
 - bfloat16, XLA: the dequantized weight is rounded to bf16 before each product;
 - bfloat16, kernels: every product on the W4A16 kernel (exact integer products, the scale
-  applied in float32) and the attention on the decode kernel.
+  applied in float32; the W8A8 kernel for fp8) and the attention on the decode kernel.
 
 Held-out text: tinyshakespeare.txt[900000:]; windows of `--ctx` tokens, no BOS, decoded one
 token at a time (`jqtz.eval.decode.decode_perplexity`). The interpreter is slow (the kernel row
@@ -52,7 +53,7 @@ SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", choices=("rtn", "nf4"), default="rtn")
+    ap.add_argument("--method", choices=("rtn", "nf4", "fp8"), default="rtn")
     ap.add_argument("--bits", type=int, choices=(2, 3, 4), default=4, help="RTN's grid")
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=128)
@@ -60,8 +61,8 @@ def main(argv=None) -> int:
     print(f"# {time.strftime('%Y-%m-%d')}, jax {jax.__version__}, {platform.machine()}, "
           f"{os.cpu_count()} cores")  # fmt: skip
     config, params, tok = load_gguf(smollm2_path())
-    if args.method == "nf4" and args.bits != 4:
-        ap.error("--bits: NF4 is a 4-bit format")
+    if args.method != "rtn" and args.bits != 4:
+        ap.error(f"--bits: only RTN takes a grid width (`--method {args.method}` has its own)")
     spec = default_spec(args.method, bits=args.bits)
     qparams = jqtz.quantize_params(params, [jqtz.Rule(r".*/kernel", spec)])
     tokens = tokenize((SHARED / "tinyshakespeare.txt").read_text()[900000:], tok)

@@ -29,33 +29,64 @@ import jax.numpy as jnp
 from pallas_kernels import common, w4a16, w8a8
 
 _W8A8_CODES = {"int8": jnp.int8, "fp8_e4m3": jnp.float8_e4m3fn}
+#: K rows per scale block of the w8a8 kernel's block-scaled mode (1x128 / 128x128).
+_W8A8_BLOCK = w8a8.SCALE_BLOCK
 
 
-def _w8a8_codes(w):
-    """The code dtype when `w` is a W8A8 QArray the w8a8 kernel covers, else None.
+def _w8a8_mode(w) -> str | None:
+    """How the w8a8 kernel reads a W8A8 `QArray`, or None when it cannot.
 
-    Covered: symmetric int8 or fp8_e4m3 weights with one scale per output channel, and dynamic
-    symmetric per-token activations of the same format.
+    Covered (symmetric int8 or fp8_e4m3 weights and activations of the same format, no
+    LLM.int8() outliers):
+    - `"channel"`: weight scales constant along K (per output channel, per tensor, or per
+      group of columns), with per-token or per-tensor (dynamic, or static calibrated:
+      `act_scale`) activation scales; both are applied in the epilogue;
+    - `"block"`: weight scales per 128 rows of K (128 x 128 blocks, or groups of 128 along K)
+      with 1 x 128 activation groups (DeepSeek-V3's FP8 layout, `jqtz.ptq.fp8_spec("block128")`);
+      each K block's partial product is scaled. K must be a multiple of 128.
     """
     from jqtz.qarray import QArray
 
     if not isinstance(w, QArray) or w.act is None or w.ndim != 2 or w.batch_shape:
         return None
     act = w.act
-    ok = (
-        w.format.name in _W8A8_CODES
-        and act.format == w.format.name
-        and act.symmetric
-        and act.granularity == "channel"
-        and act.axis in (-1, 1)
+    if (
+        w.format.name not in _W8A8_CODES
+        or act.format != w.format.name
+        or not act.symmetric
+        or act.outlier_threshold is not None
+        or w.zero_point is not None
+        or w.perm is not None
+        or act.axis not in (-1, 1)
+    ):
+        return None
+    k = w.shape[0]
+    if w.block_shape[0] == k and act.granularity in ("channel", "tensor"):
+        # (A calibrated per-token scale would be wrong; jqtz never makes one.)
+        return "channel" if act.granularity == "tensor" or w.act_scale is None else None
+    if (
+        w.block_shape[0] == _W8A8_BLOCK
+        and k % _W8A8_BLOCK == 0
+        and act.granularity == "group"
+        and act.group_size == _W8A8_BLOCK
         and w.act_scale is None
-        and w.block_shape == (w.shape[0], 1)
-        and w.zero_point is None
-        and w.perm is None
-        and not isinstance(w.scale, QArray)
-        and act.outlier_threshold is None
-    )
-    return _W8A8_CODES[w.format.name] if ok else None
+    ):
+        return "block"
+    return None
+
+
+def _w8a8_operands(x2, w):
+    """`(xq, sx, wq, sw)` for `w8a8.matmul`: `x2 [M, K]` quantized by jqtz exactly as its XLA
+    path quantizes it (`jqtz.nn.ops.quantize_input`: the same codes), and the weight's codes
+    and scales in place (block scales repeated along N, `[K/128, N]`: 1/128 of the codes)."""
+    from jqtz.nn.ops import quantize_input
+
+    qx = quantize_input(x2, w)
+    sx = qx.scale_values().astype(jnp.float32)  # [M, 1], [1, 1] or [M, K/128]
+    sw = w.scale_values().astype(jnp.float32)  # [1 or K/128, 1 or N or N/columns-per-block]
+    if sw.shape[1] not in (1, w.shape[1]):  # column blocks: one scale per column, per K block
+        sw = jnp.repeat(sw, w.block_shape[1], axis=1)[:, : w.shape[1]]
+    return qx.qvalue, sx, w.qvalue, sw
 
 
 def kernel_for(
@@ -74,9 +105,8 @@ def kernel_for(
             if w4a16.mosaic_unsupported(packed) is None and not w4a16.mosaic_pads(packed):
                 return "w4a16-mosaic"
         return "w4a16"
-    codes = _w8a8_codes(w)
-    if codes is not None and x.ndim >= 1 and jnp.issubdtype(x.dtype, jnp.floating):
-        probe = jax.ShapeDtypeStruct(x.shape, codes)
+    if _w8a8_mode(w) and x.ndim >= 1 and jnp.issubdtype(x.dtype, jnp.floating):
+        probe = jax.ShapeDtypeStruct(x.shape, _W8A8_CODES[w.format.name])
         if w8a8.can_use(probe, w.qvalue, **kw):
             return "w8a8"
     return None
@@ -95,8 +125,10 @@ def maybe_matmul(
 
     Args:
       x: activations, contracted over their last axis.
-      w: a `jqtz.QArray` (weight-only int2/3/4/8, uint2/3/4/8 or nf4, or W8A8 int8/fp8_e4m3 with
-        per-channel weight and dynamic per-token activation scales) or a `w4a16.PackedWeight`.
+      w: a `jqtz.QArray` (weight-only int2/3/4/8, uint2/3/4/8 or nf4; or W8A8 int8/fp8_e4m3
+        with per-channel or per-tensor weight scales and per-token or per-tensor activation
+        scales, dynamic or calibrated, or with 128 x 128 weight blocks and 1 x 128 activation
+        groups) or a `w4a16.PackedWeight`.
       lowering: "triton" (the default), or "mosaic" to run the Mosaic GPU version of the kernel
         where it has one for these operands (W4A16 with more than 16 rows, on a Hopper GPU).
       interpret: run the kernel in the Pallas interpreter (any machine; pass a GPU `backend`
@@ -115,11 +147,8 @@ def maybe_matmul(
         return None
     out_dtype = jnp.result_type(x.dtype, w.dtype)
     if name == "w8a8":
-        x2 = x.reshape(-1, x.shape[-1])
-        xq, sx = w8a8.quantize_rows(x2, w.qvalue.dtype)
-        y = w8a8.matmul(
-            xq, sx, w.qvalue, w.scale_values(), out_dtype=out_dtype, interpret=interpret
-        )
+        operands = _w8a8_operands(x.reshape(-1, x.shape[-1]), w)
+        y = w8a8.matmul(*operands, out_dtype=out_dtype, interpret=interpret)
         return y.reshape(*x.shape[:-1], w.shape[1])
     config = w4a16.MosaicConfig() if name == "w4a16-mosaic" else None
     return w4a16.matmul(x, w, config=config, interpret=interpret)

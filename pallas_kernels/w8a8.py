@@ -49,6 +49,9 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import common
 
 _CODE_DTYPES = {np.dtype(jnp.int8): 127.0, np.dtype(jnp.float8_e4m3fn): 448.0}
+#: K rows per scale block when scales vary along K (1x128 activation groups, 128x128 weight
+#: blocks).
+SCALE_BLOCK = 128
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -240,7 +243,7 @@ def matmul(
             "and a code dtype (int8 or float8_e4m3fn)"
         )
     kb = sx.shape[1]
-    if sw.shape[0] != kb or k % kb or (kb > 1 and k // kb != 128):
+    if sw.shape[0] != kb or k % kb or (kb > 1 and k // kb != SCALE_BLOCK):
         raise ValueError(
             f"scales `sx` {sx.shape} and `sw` {sw.shape} must both have 1 or K/128 blocks along K"
         )
@@ -256,7 +259,7 @@ def matmul(
             )
         common.require_hopper_for_mosaic(interpret)
         return _mosaic_matmul(xq, sx[:, 0], wq, sw[0], cfg, out_dtype, interpret)
-    bk = _k_step(k, cfg.block_k) if kb == 1 else 128
+    bk = _k_step(k, cfg.block_k) if kb == 1 else SCALE_BLOCK
     kp = common.round_up(k, bk)
     mp, np_ = common.round_up(m, cfg.block_m), common.round_up(n, cfg.block_n)
     # Only the scales (M + N values per block) are padded; the codes are read in place.
@@ -275,7 +278,7 @@ def matmul(
             n=n,
             k=k,
             bk=bk,
-            k_per_scale=(128 // bk if kb > 1 else 0),
+            k_per_scale=(SCALE_BLOCK // bk if kb > 1 else 0),
             acc_dtype=acc_dtype,
             k_major=w_k_major,
         ),

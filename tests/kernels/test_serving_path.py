@@ -21,7 +21,7 @@ import pytest
 import jqtz
 from jqtz.models.llama import Llama, LlamaConfig, decode_paths, generate
 from jqtz.models.quantized_kv_cache import quantized_cache_factory
-from jqtz.ptq import default_spec
+from jqtz.ptq import FP8Options, default_spec
 from pallas_kernels import common
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -49,17 +49,18 @@ def pretend_h100(monkeypatch):
     monkeypatch.setattr(common, "gpu_compute_capability", lambda: (9, 0))
 
 
-#: Weight specs the serving tests run: name -> (method, bits).
-SPECS = {"rtn": ("rtn", 4), "nf4": ("nf4", 4), "rtn-3bit": ("rtn", 3), "rtn-2bit": ("rtn", 2),
-         "smoothquant": ("smoothquant", 8)}  # fmt: skip
+#: Weight specs the serving tests run: name -> (method, bits, options).
+SPECS = {"rtn": ("rtn", 4, None), "nf4": ("nf4", 4, None), "rtn-3bit": ("rtn", 3, None),
+         "rtn-2bit": ("rtn", 2, None), "smoothquant": ("smoothquant", 8, None),
+         "fp8-per-tensor": ("fp8", 8, FP8Options(mode="static-per-tensor"))}  # fmt: skip
 
 
 def _spec(name):
-    method, bits = SPECS[name]
-    return default_spec(method, bits=bits)
+    method, bits, options = SPECS[name]
+    return default_spec(method, bits=bits, options=options)
 
 
-@pytest.mark.parametrize("method", ["rtn", "nf4", "rtn-3bit", "smoothquant"])
+@pytest.mark.parametrize("method", ["rtn", "nf4", "rtn-3bit", "smoothquant", "fp8-per-tensor"])
 def test_generate_lowers_with_a_kernel_for_every_product_and_the_decode_attention(
     pretend_h100, method
 ):
@@ -69,7 +70,7 @@ def test_generate_lowers_with_a_kernel_for_every_product_and_the_decode_attentio
     cache = quantized_cache_factory("int8")
     paths = decode_paths(CONFIG, qparams, cache_factory=cache)
     assert paths.pop("attention") == "kernel"
-    kernel = "w8a8" if method == "smoothquant" else "w4a16"
+    kernel = "w8a8" if SPECS[method][1] == 8 else "w4a16"
     assert set(paths.values()) == {kernel} and len(paths) == 7 * CONFIG.n_layers
 
     def run(p, tokens):

@@ -1,11 +1,15 @@
 """W8A8 INT8 / FP8 kernel: interpret mode vs the reference, CUDA lowering, can_use, dispatch."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jqtz
+from jqtz.ptq import SmoothQuantOptions, default_spec
+from jqtz.ptq.fp8 import fp8_spec
 from pallas_kernels import common, dispatch, w8a8
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -237,18 +241,64 @@ def test_dispatch_w8a8():
     assert dispatch.kernel_for(x, group, **h100) is None  # scales vary along K
 
 
+H100 = dict(backend="gpu", compute_capability=(9, 0))
+
+
+def _w8a8_qarray(spec, k=256, n=192, seed=0):
+    w = jax.random.normal(jax.random.key(seed), (k, n))
+    return jqtz.quantize(w, spec)
+
+
+def _calibrated(qw, amax):
+    """`qw` with the static per-tensor activation scale `calibrate_fp8` would store."""
+    qmax = 448.0 if qw.format.name == "fp8_e4m3" else 127.0
+    return dataclasses.replace(qw, act_scale=jnp.full((1, 1), amax / qmax, jnp.float32))
+
+
+#: W8A8 layouts jqtz makes (PTQ methods' specs) -> whether the w8a8 kernel serves them.
+W8A8_SPECS = {
+    "smoothquant": (default_spec("smoothquant"), True),
+    "smoothquant-static": (default_spec("smoothquant", options=SmoothQuantOptions(
+        static_activations=True)), True),
+    "fp8-per-token": (fp8_spec("dynamic-per-token"), True),
+    "fp8-per-tensor": (fp8_spec("static-per-tensor"), True),
+    "fp8-block128": (fp8_spec("block128"), True),
+    "int8-group128-act-group128": (jqtz.QuantSpec(
+        format="int8", granularity="group", group_size=128,
+        activation=jqtz.QuantSpec(format="int8", granularity="group", group_size=128, axis=-1)),
+        True),
+    "llm_int8": (default_spec("llm_int8"), False),  # outlier features: XLA
+    "fp8-block64": (fp8_spec("block128", block=64), False),  # the kernel's blocks are 128
+    "int8-group32": (jqtz.QuantSpec(format="int8", granularity="group", group_size=32,
+        activation=jqtz.QuantSpec(format="int8", granularity="channel", axis=-1)), False),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(W8A8_SPECS))
+def test_dispatch_serves_every_w8a8_layout_the_kernel_covers(name):
+    spec, served = W8A8_SPECS[name]
+    qw = _w8a8_qarray(spec)
+    if name == "fp8-per-tensor" or name == "smoothquant-static":
+        qw = _calibrated(qw, 4.0)
+    x = jax.random.normal(jax.random.key(1), (2, 3, 256), jnp.bfloat16)
+    assert dispatch.kernel_for(x, qw, **H100) == ("w8a8" if served else None)
+    y = dispatch.maybe_matmul(x, qw, interpret=True, **H100)
+    if not served:
+        assert y is None
+        return
+    # The kernel gets the XLA path's own activation codes (jqtz's `quantize_input`): the two
+    # differ only in float32 summation order and where the scales are applied.
+    xla = jqtz.nn.dot_general(x, qw, (((2,), (0,)), ((), ())))
+    assert y.shape == xla.shape == (2, 3, 192) and y.dtype == xla.dtype
+    assert _rel(y, xla) < 1e-5
+
+
+def test_block_scaled_dispatch_needs_whole_blocks_along_k():
+    qw = _w8a8_qarray(fp8_spec("block128"), k=320)  # K = 2.5 blocks
+    x = jax.ShapeDtypeStruct((4, 320), jnp.bfloat16)
+    assert dispatch.kernel_for(x, qw, **H100) is None
+
+
 def test_bench_entry_point_without_gpu(capsys):
     assert w8a8.main(["--bench"]) == 0
     assert "no GPU" in capsys.readouterr().out
-
-
-def test_kernel_on_qarray_matches_xla_dot_general():
-    """What `maybe_matmul` computes on a GPU for a W8A8 QArray, against jqtz's XLA path."""
-    act = jqtz.QuantSpec(format="int8", granularity="channel", axis=-1)
-    w = jax.random.normal(jax.random.key(2), (256, 128))
-    qw = jqtz.quantize(w, jqtz.QuantSpec(format="int8", activation=act))
-    x = jax.random.normal(jax.random.key(3), (5, 256), jnp.bfloat16)
-    xq, sx = w8a8.quantize_rows(x, jnp.int8)
-    y = w8a8.matmul(xq, sx, qw.qvalue, qw.scale_values(), out_dtype=jnp.float32, interpret=True)
-    xla = jqtz.nn.dot_general(x, qw, (((1,), (0,)), ((), ())))
-    assert _rel(y, xla) < 1e-2
