@@ -24,7 +24,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import time
 
@@ -32,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 import jqtz
-from jqtz.models.llama import Llama, LlamaConfig, decode_paths, generate
+from jqtz.models.llama import Llama, LlamaConfig, decode_paths, describe_paths, generate
 from jqtz.models.quantized_kv_cache import quantized_cache_factory
 from pallas_kernels import common
 
@@ -49,15 +48,6 @@ def config(tiny: bool, max_len: int) -> LlamaConfig:
 
 def _bytes(tree) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(tree))
-
-
-def _paths(cfg, params, factory, batch) -> str:
-    """Which path one decode step's products and attention take, in words."""
-    paths = decode_paths(cfg, params, batch=batch, **factory)
-    attention = paths.pop("attention")
-    products = collections.Counter(paths.values())
-    matmul = ", ".join(f"{n} {p}" for p, n in sorted(products.items())) or "none quantized"
-    return f"matmul {matmul}, attention {attention}"
 
 
 def main(argv=None) -> int:
@@ -110,7 +100,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 run(args.new)
                 t = time.perf_counter() - t0 - t_prefill
-                paths = _paths(cfg, p, factory, args.batch)
+                paths = describe_paths(decode_paths(cfg, p, batch=args.batch, **factory))
         except Exception as err:  # keep the other cases: one failed compile loses nothing else
             failed += 1
             message = " ".join(str(err).split())[:300]

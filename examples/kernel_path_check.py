@@ -30,7 +30,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import os
 import pathlib
@@ -44,7 +43,7 @@ import jqtz
 from jqtz.eval.decode import decode_perplexity
 from jqtz.eval.perplexity import tokenize
 from jqtz.io.gguf import load_gguf, smollm2_path
-from jqtz.models.llama import Llama, decode_paths
+from jqtz.models.llama import Llama, decode_paths, describe_paths
 from jqtz.models.quantized_kv_cache import quantized_cache_factory
 from jqtz.ptq import default_spec
 
@@ -82,10 +81,7 @@ def main(argv=None) -> int:
             r = decode_perplexity(
                 Llama(cfg), qparams, tokens, cache, ctx=args.ctx, windows=args.windows
             )
-        attention = paths.pop("attention")
-        counts = collections.Counter(paths.values())
-        products = ", ".join(f"{n} {p}" for p, n in sorted(counts.items()))
-        results.append((label, r, f"products: {products}; attention: {attention}"))
+        results.append((label, r, describe_paths(paths)))
         print(f"{label}: nll {r.nll:.5f}, ppl {r.ppl:.3f} ({time.perf_counter() - t0:.0f} s)",
               flush=True)  # fmt: skip
     # One full forward of the first window (prefill-sized products: the kernels' large-M path):

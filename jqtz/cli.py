@@ -594,7 +594,7 @@ def _print_eval(result: dict) -> None:
 
 def cmd_generate(args) -> int:
     import jqtz
-    from jqtz.models.llama import Llama, decode_paths, generate
+    from jqtz.models.llama import Llama, decode_paths, describe_paths, generate
 
     model = load_model(args.model, tokenizer=args.tokenizer, quiet=args.json)
     if model.kind != "llama":
@@ -661,11 +661,7 @@ def cmd_generate(args) -> int:
     else:
         print(args.prompt + completion)
         if on_gpu:  # where a kernel could have run: say which did
-            used = ", ".join(f"{n} on {p}" for p, n in sorted(products.items())) or "none"
-            sys.stderr.write(
-                f"{dtype} activations; quantized products: {used}; attention: "
-                f"{paths['attention']}\n"
-            )
+            sys.stderr.write(f"{dtype} activations; {describe_paths(paths)}\n")
     return 0
 
 

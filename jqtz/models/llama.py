@@ -30,6 +30,7 @@ Running the model a block at a time (for calibration)::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -475,6 +476,19 @@ def decode_paths(
     q = jnp.zeros((batch, 1, config.n_heads, config.head_dim), config.dtype)
     out["attention"] = "xla" if attention_path is None else attention_path(q, **kw)
     return out
+
+
+def describe_paths(paths: dict[str, str]) -> str:
+    """`decode_paths`'s answer in one line: how many products take each path, and the
+    attention's.
+
+    Example:
+        >>> describe_paths({"a/kernel": "w4a16", "b/kernel": "w4a16", "attention": "kernel"})
+        'quantized products: 2 on w4a16; attention: kernel'
+    """
+    products = collections.Counter(v for k, v in paths.items() if k != "attention")
+    used = ", ".join(f"{n} on {p}" for p, n in sorted(products.items())) or "none"
+    return f"quantized products: {used}; attention: {paths['attention']}"
 
 
 @functools.partial(
