@@ -441,6 +441,32 @@ def test_cache_kernel_path_matches_xla(kind, length, options):
     assert _max_err(kernel, xla) < 2e-5
 
 
+@pytest.mark.parametrize("kind, length", [("int8", 37), ("int8", 128), ("fp8", 128), ("int4", 100)])
+def test_bf16_cache_kernel_is_at_least_as_accurate_as_the_xla_path(kind, length):
+    """A bf16 model's cache (bf16 queries, bf16 window): against the float32 attention over the
+    same codes, the kernel's roundings (bf16 queries and `p * scale` into the tensor cores)
+    cost no more than the XLA path's (keys and values dequantized to bf16)."""
+    b, hkv, d = 1, 3, 64
+    cache = QuantizedKVCache.init(
+        KVQuantSpec(kind=kind), batch=b, max_len=256, n_kv_heads=hkv, head_dim=d,
+        dtype=jnp.bfloat16,
+    )  # fmt: skip
+    kv = jax.random.normal(jax.random.key(length), (2, b, length, hkv, d), jnp.bfloat16)
+    cache = cache.update(kv[0] * 2, kv[1])
+    q = (2 * jax.random.normal(jax.random.key(3), (b, 1, 9, d))).astype(jnp.bfloat16)
+    exact = dataclasses.replace(cache, k_recent=cache.k_recent.astype(jnp.float32),
+                                v_recent=cache.v_recent.astype(jnp.float32))  # fmt: skip
+    # float32 throughout (float32 queries: HIGHEST-precision products, equal to the XLA path
+    # to 2e-5 in test_cache_kernel_path_matches_xla).
+    ref = exact._attend_kernel(q.astype(jnp.float32), interpret=True)
+    kernel = cache._attend_kernel(q, interpret=True)
+    xla = cache._attend_xla(q)
+    assert kernel.dtype == xla.dtype == jnp.bfloat16
+    err_kernel = common.relative_error(kernel, ref)
+    err_xla = common.relative_error(xla, ref)
+    assert 0 < err_kernel <= err_xla < 1e-2, (err_kernel, err_xla)
+
+
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 def test_cache_mosaic_kernel_path_matches_xla(kind):
     """The cache's Mosaic GPU path (`use_pallas_kernels(lowering="mosaic")`), in the Mosaic GPU
