@@ -35,7 +35,13 @@ from typing import Protocol, Self
 import jax
 import jax.numpy as jnp
 
-__all__ = ["KVCache", "LayerCache", "dot_product_attention"]
+__all__ = ["KVCache", "LayerCache", "causal_attention", "dot_product_attention"]
+
+#: Largest score tensor (``B * H * T * S`` float32 elements, 256 MiB) that `causal_attention`
+#: materializes; above it (a long prompt prefilled into a long cache) it streams key blocks.
+SCORE_BUDGET = 1 << 26
+#: Keys per block of the streamed path.
+KEY_BLOCK = 512
 
 
 class LayerCache(Protocol):
@@ -84,6 +90,98 @@ def dot_product_attention(
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # (B, T, Hkv, G, D)
     return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, length, *, score_budget: int | None = None
+) -> jax.Array:
+    """Causal attention of the queries of the last ``T`` of ``length`` positions over a cache.
+
+    ``q (B, T, H, D)`` holds the queries of positions ``[length - T, length)``; ``k`` and ``v``
+    ``(B, S, Hkv, D)`` hold position ``s`` at index ``s`` (slots at or past ``length`` are
+    never read into the result). Small problems (``B * H * T * S`` up to ``score_budget``
+    float32 scores, default `SCORE_BUDGET`) run `dot_product_attention` with a causal mask.
+    Larger ones (a long prompt into a long cache, where the scores alone would take gigabytes)
+    stream blocks of `KEY_BLOCK` keys with an online softmax in float32, for chunks of queries
+    sized to the same budget, and read only the blocks that some query of the chunk sees: memory
+    stays within the budget and work follows ``length``, not ``S``.
+
+    Args:
+        q: queries ``(B, T, H, D)``.
+        k: keys ``(B, S, Hkv, D)``.
+        v: values ``(B, S, Hkv, D)``.
+        length: int (or int32 scalar array): the filled positions, ``T <= length <= S``.
+        score_budget: override `SCORE_BUDGET` (tests use a small one).
+
+    Returns:
+        ``(B, T, H, D)`` in the dtype of ``q``.
+
+    Example:
+        >>> q = jnp.ones((1, 3, 4, 8)); k = v = jnp.ones((1, 16, 2, 8))
+        >>> causal_attention(q, k, v, 5).shape
+        (1, 3, 4, 8)
+    """
+    b, t, h, _ = q.shape
+    s = k.shape[1]
+    budget = SCORE_BUDGET if score_budget is None else score_budget
+    q_pos = length - t + jnp.arange(t)  # (T,)
+    if b * h * t * s <= budget:
+        mask = jnp.broadcast_to(jnp.arange(s)[None, :] <= q_pos[:, None], (b, t, s))
+        return dot_product_attention(q, k, v, mask)
+    return _streamed_causal_attention(q, k, v, length, budget)
+
+
+def _streamed_causal_attention(q, k, v, length, budget):
+    """`causal_attention` over key blocks (flash-attention's online softmax, in XLA)."""
+    b, t, h, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    g = h // hkv
+    bk = min(KEY_BLOCK, s)
+    block_q = max(16, budget // (b * h * bk))
+    block_q = min(1 << (block_q.bit_length() - 1), t)  # a power of two, or all of T
+    nq = -(-t // block_q)
+    pad_t, pad_s = nq * block_q - t, -s % bk
+    # Padded query rows (sliced off at the end) and key slots (past every real query) are
+    # zeros; the causal mask keeps the slots out of every real row.
+    q = jnp.pad(q, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
+    k, v = (jnp.pad(a, ((0, 0), (0, pad_s), (0, 0), (0, 0))) for a in (k, v))
+    chunks = q.reshape(b, nq, block_q, hkv, g, d).transpose(1, 0, 2, 3, 4, 5)
+    first = jnp.asarray(length, jnp.int32) - t  # position of query 0
+    low = jnp.finfo(jnp.float32).min
+
+    def chunk(args):
+        i, qc = args  # qc: (B, Tq, Hkv, G, D)
+        q_pos = first + i * block_q + jnp.arange(block_q)  # (Tq,)
+        last = jnp.minimum(first + (i + 1) * block_q, length) - 1  # last real query's position
+        n_blocks = last // bk + 1
+
+        def step(j, carry):
+            m, total, acc = carry
+            kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
+            vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+            sc = jnp.einsum("bqkgd,bskd->bkgqs", qc, kb, preferred_element_type=jnp.float32)
+            sc = sc * d**-0.5  # (B, Hkv, G, Tq, Bk)
+            seen = j * bk + jnp.arange(bk)[None, :] <= q_pos[:, None]  # (Tq, Bk)
+            sc = jnp.where(seen, sc, low)
+            m_new = jnp.maximum(m, sc.max(axis=-1))
+            p = jnp.where(seen, jnp.exp(sc - m_new[..., None]), 0.0)
+            alpha = jnp.exp(m - m_new)
+            pv = jnp.einsum(
+                "bkgqs,bskd->bkgqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32
+            )
+            return m_new, total * alpha + p.sum(axis=-1), acc * alpha[..., None] + pv
+
+        init = (
+            jnp.full((b, hkv, g, block_q), low, jnp.float32),
+            jnp.zeros((b, hkv, g, block_q), jnp.float32),
+            jnp.zeros((b, hkv, g, block_q, d), jnp.float32),
+        )
+        _, total, acc = jax.lax.fori_loop(0, n_blocks, step, init)
+        return acc / jnp.where(total > 0, total, 1.0)[..., None]  # (B, Hkv, G, Tq, D)
+
+    out = jax.lax.map(chunk, (jnp.arange(nq), chunks))  # (nq, B, Hkv, G, Tq, D)
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * block_q, h, d)
+    return out[:, :t].astype(q.dtype)
 
 
 @jax.tree_util.register_dataclass
@@ -144,10 +242,7 @@ class KVCache:
         )
 
     def attend(self, q: jax.Array) -> jax.Array:
-        """Attention of the last ``T`` appended tokens' queries ``(B, T, H, D)`` over the cache."""
-        b, t = q.shape[:2]
-        q_pos = self.length - t + jnp.arange(t)  # (T,)
-        k_pos = jnp.arange(self.max_len)  # (S,)
-        # Causal: a query sees the keys up to its own position; unfilled slots lie beyond it.
-        mask = jnp.broadcast_to(k_pos[None, :] <= q_pos[:, None], (b, t, self.max_len))
-        return dot_product_attention(q, self.keys, self.values, mask)
+        """Attention of the last ``T`` appended tokens' queries ``(B, T, H, D)`` over the cache
+        (`causal_attention`: a query sees the keys up to its own position; unfilled slots lie
+        beyond it)."""
+        return causal_attention(q, self.keys, self.values, self.length)

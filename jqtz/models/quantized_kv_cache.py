@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jqtz import _packing, formats
-from jqtz.models.kv_cache import KVCache, dot_product_attention
+from jqtz.models.kv_cache import KVCache, causal_attention
 from jqtz.nn.ops import kernel_target, pallas_kernels_enabled, pallas_lowering
 
 __all__ = [
@@ -563,12 +563,8 @@ class QuantizedKVCache:
 
     def _attend_xla(self, q: jax.Array) -> jax.Array:
         keys, values = self.dequantize()  # (B, S, Hkv, D)
-        b, t = q.shape[:2]
-        q_pos = self.length - t + jnp.arange(t)  # (T,)
-        k_pos = jnp.arange(keys.shape[1])  # (S,)
         # Causal: positions at or past `length` lie beyond every query.
-        mask = jnp.broadcast_to(k_pos[None, :] <= q_pos[:, None], (b, t, keys.shape[1]))
-        return dot_product_attention(q, keys, values, mask)
+        return causal_attention(q, keys, values, self.length)
 
 
 @dataclasses.dataclass(frozen=True)
