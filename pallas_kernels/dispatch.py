@@ -125,7 +125,7 @@ def maybe_matmul(
 
     Args:
       x: activations, contracted over their last axis.
-      w: a `jqtz.QArray` (weight-only int2/3/4/8, uint2/3/4/8 or nf4; or W8A8 int8/fp8_e4m3
+      w: a `jqtz.QArray` (weight-only int2/3/4/8, uint2/3/4/8, nf4 or fp8; or W8A8 int8/fp8_e4m3
         with per-channel or per-tensor weight scales and per-token or per-tensor activation
         scales, dynamic or calibrated, or with 128 x 128 weight blocks and 1 x 128 activation
         groups) or a `w4a16.PackedWeight`.

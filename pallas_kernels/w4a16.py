@@ -2,8 +2,9 @@
 zero points.
 
 `y[m, n] = sum_k x[m, k] * (code[k, n] - zero[k // g, n]) * scale[k // g, n]` for a flax kernel
-`W [K, N]` stored as a `jqtz.QArray` (int2/3/4/8 or uint2/3/4/8, groups of `g` along K, or one
-scale per output channel), and bf16/f16 activations `x [M, K]`. NF4 weights (QLoRA's 16
+`W [K, N]` stored as a `jqtz.QArray` (int2/3/4/8 or uint2/3/4/8, or fp8 e4m3/e5m2 codes, which
+are exact in 16 bits; groups of `g` along K, or one scale per output channel), and bf16/f16
+activations `x [M, K]`. NF4 weights (QLoRA's 16
 levels) take the same path with `level[code]` in place of `code - zero`: a tree of 15 selects on
 the code's bits with the levels as constants, rounded once to the activation dtype.
 
@@ -66,7 +67,12 @@ from jqtz import _packing
 from pallas_kernels import common
 
 _KERNEL_GROUPS = (128, 64, 32)
-_FORMATS = ("int2", "uint2", "int3", "uint3", "int4", "uint4", "int8", "uint8", "nf4")
+_FORMATS = (
+    "int2", "uint2", "int3", "uint3", "int4", "uint4", "int8", "uint8", "nf4", "fp8_e4m3",
+    "fp8_e5m2",
+)  # fmt: skip
+#: 8-bit float codes: Triton converts them on sm_89 and newer (Ada, Hopper).
+_FLOAT_CODES = ("fp8_e4m3", "fp8_e5m2")
 _ACT_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 _SCALE_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 #: Largest M that takes the decode (split-K, 16-row tile) path.
@@ -305,7 +311,8 @@ def _lookup(codes, levels: tuple[float, ...]):
 
 def _load(ref, mask):
     """`ref[...]`, through a masked load (zeros where `mask` is False) when there is a mask."""
-    return ref[...] if mask is None else pltriton.load(ref, mask=mask, other=0)
+    zero = jnp.zeros((), ref.dtype)  # typed: Triton has no int -> fp8 cast for `other=0`
+    return ref[...] if mask is None else pltriton.load(ref, mask=mask, other=zero)
 
 
 def _kernel(
@@ -371,7 +378,7 @@ def _kernel(
         xg = pltriton.load(x_ref.at[:, pl.ds(gi * kg, kg)], mask=x_mask, other=0)  # (bm, kg)
         step = pl.ds(gi * kg, kg)
         if bits == 8:
-            parts = (_load(codes_ref.at[step], c_mask),)  # (kg, bn) int8/uint8
+            parts = (_load(codes_ref.at[step], c_mask),)  # (kg, bn) int8/uint8/fp8
         else:
             if word_bytes == 1:
                 word = _load(codes_ref.at[step], c_mask)  # (kg, wn) uint8
@@ -499,7 +506,7 @@ def matmul(
         out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32 if planes else out_dtype),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
-        name=f"{'nf4' if w.levels else f'w{w.bits}'}a16_g{w.qgroup}",
+        name=f"{_code_name(w)}a16_g{w.qgroup}",
     )(*args)
     # Planes: add the splits and interleave the planes, [plane, M, N/planes] -> [M, N].
     y = jnp.moveaxis(out.sum(axis=0), 0, -1).reshape(m, n_out) if planes else out[0, :m]
@@ -632,6 +639,12 @@ def _mosaic_matmul(x2, w: PackedWeight, cfg: MosaicConfig, out_dtype, interpret)
     return out[:m, : w.n]
 
 
+def _code_name(w: PackedWeight) -> str:
+    if w.levels:
+        return "nf4"
+    return "fp8" if jnp.issubdtype(w.codes.dtype, jnp.floating) else f"w{w.bits}"
+
+
 def dequantize(w: PackedWeight) -> jax.Array:
     """The float32 weight `[K, N]` in stored row order (before undoing `perm`)."""
     codes = w.codes
@@ -663,12 +676,13 @@ def can_use(x, w, *, backend: str | None = None, compute_capability=None) -> boo
       w: a `PackedWeight` or a QArray (checked with `supports_qarray`).
       backend: default `jax.default_backend()`.
       compute_capability: (major, minor); default the first device's. Needs >= 8.0 (Ampere):
-        bf16 tensor-core dots in Triton.
+        bf16 tensor-core dots in Triton; >= 8.9 for fp8 codes (Triton's fp8 conversions).
     """
-    cc = common.gpu_capability(backend, compute_capability)
-    if cc is None:
-        return False
     if not isinstance(w, PackedWeight) and supports_qarray(w) is not None:
+        return False
+    codes = w.codes if isinstance(w, PackedWeight) else w.qvalue
+    need = (8, 9) if jnp.issubdtype(codes.dtype, jnp.floating) else (8, 0)
+    if common.gpu_capability(backend, compute_capability, need=need) is None:
         return False
     k = w.k if isinstance(w, PackedWeight) else w.shape[0]
     return np.dtype(x.dtype) in _ACT_DTYPES and x.ndim >= 1 and x.shape[-1] == k
@@ -725,9 +739,10 @@ def tune_candidates(m: int, n: int, num_groups: int, *, bits: int = 4) -> list:
 def check_ragged(report, *, smoke=False) -> list[dict]:
     """Correctness only, no timing: the default configs on `common.RAGGED_SHAPES`, M = 1 and 64,
     with zero-point int4 (groups of 128), NF4 (groups of 64, double-quantized), zero-point
-    3-bit (groups of 128: words of 3 bytes) and symmetric 2-bit (groups of 64) weights,
-    against `reference`. On a GPU this is where the masked K and N tails are compiled and run;
-    `smoke` runs the first shape in the interpreter. Returns one dict per case."""
+    3-bit (groups of 128: words of 3 bytes), symmetric 2-bit (groups of 64) and FP8 e4m3
+    weight-only (groups of 128) weights, against `reference`. On a GPU this is where the
+    masked K and N tails are compiled and run; `smoke` runs the first shape in the
+    interpreter. Returns one dict per case."""
     import jqtz
 
     specs = {
@@ -741,6 +756,7 @@ def check_ragged(report, *, smoke=False) -> list[dict]:
             format="int3", granularity="group", group_size=128, symmetric=False
         ),
         "int2 g64": jqtz.QuantSpec(format="int2", granularity="group", group_size=64),
+        "fp8_e4m3 g128": jqtz.QuantSpec(format="fp8_e4m3", granularity="group", group_size=128),
     }
     rows = []
     for si, (k, n) in enumerate(common.RAGGED_SHAPES[: 1 if smoke else None]):

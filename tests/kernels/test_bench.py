@@ -35,7 +35,7 @@ def test_smoke_run_writes_every_output(tmp_path):
     checks = json.loads((tmp_path / "checks.json").read_text())
     assert {(c["kernel"], c["case"]) for c in checks} == {
         ("w4a16", "uint4 g128"), ("w4a16", "nf4 g64"), ("w4a16", "uint3 g128"),
-        ("w4a16", "int2 g64"), ("w8a8", "int8"), ("w8a8", "fp8")
+        ("w4a16", "int2 g64"), ("w4a16", "fp8_e4m3 g128"), ("w8a8", "int8"), ("w8a8", "fp8")
     }  # fmt: skip
     assert all((c["k"], c["n"]) == common.RAGGED_SHAPES[0] for c in checks)
     assert all(0 < c["rel_err"] <= bench.ERROR_BOUND for c in checks)

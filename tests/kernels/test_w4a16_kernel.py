@@ -55,6 +55,10 @@ CASES = {
     "int2_g64_ragged": (5, 300, 200, "int2", 64, True, {}),
     "uint2_g128_m16": (16, 256, 128, "int2", 128, False, {}),
     "uint2_odd_n129_k200": (3, 200, 129, "int2", 32, False, {}),
+    # FP8 weight-only (W8A16: e4m3/e5m2 codes are exact in bf16), ragged and per channel.
+    "fp8_e4m3_g128_ragged": (5, 300, 200, "fp8_e4m3", 128, True, {}),
+    "fp8_e4m3_channel_m1": (1, 576, 192, "fp8_e4m3", None, True, {}),
+    "fp8_e5m2_g64_large_m": (70, 256, 128, "fp8_e5m2", 64, True, {}),
 }
 
 
@@ -203,9 +207,10 @@ def test_low_bit_split_k_reads_every_column_residue(fmt, bits):
 
 
 def test_unsupported_formats_raise():
-    qw = _qweight(128, 128, "fp8_e4m3", 64, True)
-    assert w4a16.supports_qarray(qw) is not None
-    with pytest.raises(NotImplementedError, match="fp8_e4m3"):
+    act = jqtz.QuantSpec(format="int8", granularity="channel", axis=-1)
+    qw = _qweight(128, 128, "int8", None, True, activation=act)  # W8A8: the w8a8 kernel's
+    assert "activations" in w4a16.supports_qarray(qw)
+    with pytest.raises(NotImplementedError, match="activations"):
         w4a16.prepare(qw)
     qw = _qweight(144, 128, "int4", 48, True)  # group 48: not a multiple of 32
     assert "48" in w4a16.supports_qarray(qw)
@@ -233,6 +238,8 @@ LOWER_CASES = {
     "int3_g128_m1": (1, 4096, 1024, "int3", 128, True),
     "uint3_ragged_m100": (100, 300, 200, "int3", 64, False),
     "uint2_g64_m16": (16, 576, 192, "int2", 64, False),
+    "fp8_e4m3_g128_m1": (1, 576, 192, "fp8_e4m3", 128, True),
+    "fp8_e5m2_channel_m64": (64, 256, 256, "fp8_e5m2", None, True),
 }
 
 
@@ -305,9 +312,14 @@ def test_can_use():
     assert not w4a16.can_use(x, qw, backend="gpu", compute_capability=(7, 5))
     assert not w4a16.can_use(jax.ShapeDtypeStruct((1, 256), jnp.float32), qw, **h100)
     assert not w4a16.can_use(jax.ShapeDtypeStruct((1, 128), jnp.bfloat16), qw, **h100)
-    assert not w4a16.can_use(x, _qweight(256, 128, "fp8_e4m3", 64), **h100)
     assert w4a16.can_use(x, _qweight(256, 128, "nf4", 64), **h100)
     assert w4a16.can_use(x, _qweight(256, 128, "int3", 64), **h100)
+    fp8 = _qweight(256, 128, "fp8_e4m3", 64)  # Triton converts fp8 codes on sm_89+ only
+    assert w4a16.can_use(x, fp8, **h100)
+    assert not w4a16.can_use(x, fp8, backend="gpu", compute_capability=(8, 0))
+    assert w4a16.can_use(
+        x, _qweight(256, 128, "int4", 64), backend="gpu", compute_capability=(8, 0)
+    )
 
 
 def test_dispatch_choice_and_fallback():
@@ -327,9 +339,9 @@ def test_dispatch_choice_and_fallback():
     nf4 = _qweight(256, 128, "nf4", 64, True, double_quant=True)
     assert dispatch.kernel_for(x, nf4, **h100) == "w4a16"
     assert dispatch.kernel_for(prefill, nf4, lowering="mosaic", **h100) == "w4a16"
-    # 2- and 3-bit codes (GPTQ's low-bit grids): Triton only.
-    for fmt in ("int3", "int2"):
-        low = _qweight(256, 128, fmt, 128, False)
+    # 2- and 3-bit codes (GPTQ's low-bit grids) and FP8 weight-only codes: Triton only.
+    for fmt in ("int3", "int2", "fp8_e4m3"):
+        low = _qweight(256, 128, fmt, 128, fmt.startswith("fp8"))
         assert dispatch.kernel_for(x, low, **h100) == "w4a16"
         assert dispatch.kernel_for(prefill, low, lowering="mosaic", **h100) == "w4a16"
     assert dispatch.kernel_for(x, aligned, backend="cpu") is None
