@@ -196,6 +196,15 @@ def _spec_from_args(args):
     import jqtz
 
     method, fmt, bits = args.method, args.format, args.bits
+    mode = getattr(args, "fp8_mode", None)
+    if mode is not None and method != "fp8":
+        raise UserError(f"`--fp8-mode` goes with `--method fp8`, got `--method {method}`")
+    if mode not in (None, "weights"):  # W8A8: the mode's own weight and activation scales
+        if bits != 8 or fmt not in (None, "fp8"):
+            raise UserError(f"`--fp8-mode {mode}` stores fp8 e4m3 codes: pass `--bits 8`")
+        from jqtz.ptq.fp8 import fp8_spec
+
+        return fp8_spec(mode)
     if method == "nf4":
         fmt = fmt or "nf4"
     elif method == "fp8":
@@ -259,6 +268,10 @@ def _wrap(wrapped: bool, name: str, subtree):
 CALIBRATED = ("gptq", "awq", "smoothquant", "llm_int8")
 
 
+def _needs_calibration(args) -> bool:
+    return args.method in CALIBRATED or getattr(args, "fp8_mode", None) == "static-per-tensor"
+
+
 def _calibrated(model, args, spec):
     """A calibrated method through `jqtz.ptq` (Llama models): (params, report, rules)."""
     import jqtz
@@ -269,8 +282,11 @@ def _calibrated(model, args, spec):
             f"`--method {args.method}` from the command line supports causal LMs; quantize BERT "
             "models with jqtz.ptq.quantize_model(..., bert_layout(config), ...)"
         )
+    options = None
     if args.method in ("smoothquant", "llm_int8"):
         spec = None  # W8A8 specs of the method
+    elif args.method == "fp8":  # static per-tensor activation scales, measured block by block
+        spec, options = None, ptq.FP8Options(mode=args.fp8_mode)
     if args.calib is None and args.method == "gptq":
         print(
             "note: calibrating GPTQ on the default corpus (Python's documentation). GPTQ fits "
@@ -282,7 +298,7 @@ def _calibrated(model, args, spec):
     tokens = ptq.calibration_tokens(
         text, model.tokenizer, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed
     )
-    recipe = ptq.Recipe(method=args.method, spec=spec)
+    recipe = ptq.Recipe(method=args.method, spec=spec, options=options)
     layout = ptq.llama_layout(model.config)
     n_layers = len(layout.linear_paths())
     with Progress(f"{args.method}", n_layers, enabled=not args.json) as bar:
@@ -310,7 +326,7 @@ def cmd_quantize(args) -> int:
         raise UserError(f"MODEL `{args.model}` is already quantized; quantize the original model")
     rules = [jqtz.Rule(r".*/kernel", spec)]
     ptq_report = None
-    if args.method in CALIBRATED:
+    if _needs_calibration(args):
         qparams, ptq_report, rules = _calibrated(model, args, spec)
         spec = rules[0].spec  # smoothquant and llm_int8 bring their own W8A8 spec
     else:
@@ -703,8 +719,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--method",
         default="rtn",
-        help="rtn (round to nearest), nf4 (QLoRA NormalFloat4), fp8 (e4m3 weights), gptq, awq, "
-        "smoothquant (W8A8) or llm_int8 (the last four calibrate block by block; default: rtn)",
+        help="rtn (round to nearest), nf4 (QLoRA NormalFloat4), fp8 (e4m3 codes, --fp8-mode), "
+        "gptq, awq, smoothquant (W8A8) or llm_int8 (the last four calibrate block by block; "
+        "default: rtn)",
+    )
+    q.add_argument(
+        "--fp8-mode",
+        choices=("weights", "dynamic-per-token", "static-per-tensor", "block128"),
+        help="with --method fp8: weights (weight-only, the default; --group-size applies), or "
+        "W8A8 with fp8 activations: dynamic-per-token (per-channel weights), static-per-tensor "
+        "(calibrated), block128 (128x128 weight blocks, 1x128 activation groups)",
     )
     q.add_argument("--calib", help="calibration text file (default: Python's documentation)")
     q.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")

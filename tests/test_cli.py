@@ -5,6 +5,7 @@ import json
 import math
 import pathlib
 
+import jax
 import pytest
 
 from jqtz.cli import main
@@ -159,6 +160,28 @@ def test_calibrated_method_from_the_command_line(stories, tmp_path, capsys, meth
     assert {p["format"] for p in info["params"] if p["path"].endswith("/kernel")} == {fmt}
 
 
+@pytest.mark.parametrize("mode", ["dynamic-per-token", "static-per-tensor", "block128"])
+def test_fp8_w8a8_modes_from_the_command_line(stories, tmp_path, capsys, mode):
+    """`--fp8-mode`: the W8A8 layouts of `jqtz.ptq`'s fp8 method (`fp8_spec`); the static one
+    calibrates its per-tensor activation scales block by block, the dynamic ones need no text."""
+    import jqtz
+    from jqtz.cli import load_model
+    from jqtz.ptq.fp8 import fp8_spec
+
+    out = tmp_path / mode
+    argv = ["quantize", stories, "--method", "fp8", "--bits", "8", "--fp8-mode", mode]
+    result = run_json(capsys, [*argv, "--samples", "4", "--seq-len", "64", "--out", str(out)])
+    assert result["spec"] == str(fp8_spec(mode))
+    assert ("calibration" in result) == (mode == "static-per-tensor")
+    params = load_model(str(out), quiet=True).params
+    kernels = [q for q in jax.tree.leaves(params, is_leaf=jqtz.is_qarray) if jqtz.is_qarray(q)]
+    assert len(kernels) == 5 * 7 and all(q.format.name == "fp8_e4m3" for q in kernels)
+    assert all(q.act is not None for q in kernels)
+    assert all((q.act_scale is not None) == (mode == "static-per-tensor") for q in kernels)
+    ppl = run_json(capsys, ["eval", str(out), "--ctx", "64", "--windows", "1"])["perplexity"]
+    assert math.isfinite(ppl)
+
+
 # -- user errors -------------------------------------------------------------------------------
 
 
@@ -199,6 +222,11 @@ def test_bad_options(capsys, stories, tmp_path, q4):
         capsys, ["quantize", stories, "--format", "nf4", "--bits", "8", "--out", out], "nf4"
     )
     assert_user_error(capsys, ["quantize", str(q4), "--out", out], "already quantized")
+    assert_user_error(
+        capsys, ["quantize", stories, "--fp8-mode", "block128", "--out", out], "--method fp8"
+    )
+    fp8 = ["quantize", stories, "--method", "fp8", "--fp8-mode", "dynamic-per-token"]
+    assert_user_error(capsys, [*fp8, "--out", out], "--bits 8")
     assert_user_error(capsys, ["eval", str(q4), "--ctx", "4096"], "--ctx 4096")
     assert_user_error(
         capsys, ["generate", str(q4), "--prompt", "hi", "--max-new-tokens", "5000"], "at most"

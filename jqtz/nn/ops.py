@@ -270,9 +270,22 @@ def _quantized_product(lhs, rhs: QArray, dn, kwargs):
     acc = jax.lax.dot_general(
         qx.qvalue, rhs.qvalue, dn, preferred_element_type=acc_dtype, **kwargs
     ).astype(jnp.float32)
-    sx = jnp.squeeze(qx.scale_values(), axis=lc)  # (lhs free dims)
-    sw = jnp.squeeze(rhs.scale_values(), axis=rc)  # (rhs free dims)
+    sx = jnp.squeeze(_per_index(qx, lhs.shape), axis=lc)  # (lhs free dims)
+    sw = jnp.squeeze(_per_index(rhs, rhs.shape), axis=rc)  # (rhs free dims)
     return acc * sx.reshape(sx.shape + (1,) * sw.ndim) * sw
+
+
+def _per_index(q: QArray, shape) -> jax.Array:
+    """`q`'s scales with each axis either 1 (one block) or `shape`'s length (blocks along it
+    repeated, a last partial one cropped), so that they broadcast against the product: e.g.
+    128 x 128 weight blocks on a weight with a single block along K give one scale per output
+    column, not one per block of 128 columns."""
+    s = q.scale_values()
+    for axis, (blocks, size, block) in enumerate(zip(s.shape, shape, q.block_shape, strict=True)):
+        if blocks not in (1, size):
+            s = jnp.repeat(s, block, axis=axis, total_repeat_length=blocks * block)
+            s = jax.lax.slice_in_dim(s, 0, size, axis=axis)
+    return s
 
 
 def _llm_int8(lhs, rhs: QArray, dn, out_dtype, kwargs):

@@ -90,6 +90,22 @@ def test_group_wise_weights_with_activations_fall_back_to_simulation():
     np.testing.assert_allclose(dot_general(x, q, DN), _simulated(x, q), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("k, n", [(64, 172), (96, 300), (256, 200)])
+def test_column_blocks_with_one_block_along_k_scale_each_column(k, n):
+    """fp8 128 x 128 weight blocks on a weight with K <= 128 (one block along K, so the codes
+    are multiplied directly): each output column takes its block's scale."""
+    from jqtz.ptq.fp8 import fp8_spec
+
+    w = jax.random.normal(jax.random.key(0), (k, n))
+    qw = jqtz.quantize(w, fp8_spec("block128"))
+    x = jax.random.normal(jax.random.key(1), (2, 3, k))
+    y = dot_general(x, qw, (((2,), (0,)), ((), ())))
+    xq = jqtz.nn.ops.quantize_input(x, qw).dequantize(jnp.float32)
+    want = jnp.einsum("btk,kn->btn", xq, qw.dequantize(jnp.float32), precision="highest")
+    assert y.shape == (2, 3, n)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4)
+
+
 def test_plain_operands_are_lax_dot_general():
     x, w = _xw()
     np.testing.assert_array_equal(dot_general(x, w, DN), jax.lax.dot_general(x, w, DN))
