@@ -35,7 +35,13 @@ from typing import Protocol, Self
 import jax
 import jax.numpy as jnp
 
-__all__ = ["KVCache", "LayerCache", "causal_attention", "dot_product_attention"]
+__all__ = [
+    "KVCache",
+    "LayerCache",
+    "causal_attention",
+    "dot_product_attention",
+    "streamed_attention",
+]
 
 #: Largest score tensor (``B * H * T * S`` float32 elements, 256 MiB) that `causal_attention`
 #: materializes; above it (a long prompt prefilled into a long cache) it streams key blocks.
@@ -110,7 +116,9 @@ def causal_attention(
         q: queries ``(B, T, H, D)``.
         k: keys ``(B, S, Hkv, D)``.
         v: values ``(B, S, Hkv, D)``.
-        length: int (or int32 scalar array): the filled positions, ``T <= length <= S``.
+        length: the filled positions, ``T <= length <= S``: an int32 scalar array (a cache's;
+            the streamed path's loops then stop at the last block it needs, and are not
+            reverse-differentiable) or a Python int (static loops, differentiable).
         score_budget: override `SCORE_BUDGET` (tests use a small one).
 
     Returns:
@@ -123,45 +131,79 @@ def causal_attention(
     """
     b, t, h, _ = q.shape
     s = k.shape[1]
-    budget = SCORE_BUDGET if score_budget is None else score_budget
     q_pos = length - t + jnp.arange(t)  # (T,)
-    if b * h * t * s <= budget:
-        mask = jnp.broadcast_to(jnp.arange(s)[None, :] <= q_pos[:, None], (b, t, s))
+    k_pos = jnp.arange(s)
+    if b * h * t * s <= (SCORE_BUDGET if score_budget is None else score_budget):
+        mask = jnp.broadcast_to(k_pos[None, :] <= q_pos[:, None], (b, t, s))
         return dot_product_attention(q, k, v, mask)
-    return _streamed_causal_attention(q, k, v, length, budget)
+    return streamed_attention(q, k, v, q_pos, k_pos, length=length, score_budget=score_budget)
 
 
-def _streamed_causal_attention(q, k, v, length, budget):
-    """`causal_attention` over key blocks (flash-attention's online softmax, in XLA)."""
+def streamed_attention(q, k, v, q_pos, k_pos, *, length=None, score_budget=None) -> jax.Array:
+    """`dot_product_attention` with the mask ``k_pos[s] <= q_pos[t]``, streaming blocks of
+    `KEY_BLOCK` keys with an online softmax (flash attention's, in XLA, float32), for chunks of
+    queries that keep each block's scores within ``score_budget`` (default `SCORE_BUDGET`).
+
+    Args:
+        q, k, v: as `dot_product_attention`.
+        q_pos: positions of the queries, ``(T,)`` or ``(B, T)``.
+        k_pos: positions of the keys, ``(S,)`` or ``(B, S)``.
+        length: None: every key block is visited (any positions; static loops, which reverse-mode
+            AD goes through). Or the filled positions of a cache whose keys sit at their
+            positions (``k_pos = arange(S)``) and whose queries are the last ``T`` of them: each
+            query chunk then visits only the blocks up to its last query (a while loop when
+            ``length`` is traced).
+
+    Example:
+        >>> q = jnp.ones((1, 3, 4, 8)); k = v = jnp.ones((1, 5, 2, 8))
+        >>> pos = jnp.arange(3)
+        >>> streamed_attention(q, k[:, :3], v[:, :3], pos, pos).shape
+        (1, 3, 4, 8)
+    """
     b, t, h, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     g = h // hkv
+    budget = SCORE_BUDGET if score_budget is None else score_budget
     bk = min(KEY_BLOCK, s)
     block_q = max(16, budget // (b * h * bk))
     block_q = min(1 << (block_q.bit_length() - 1), t)  # a power of two, or all of T
-    nq = -(-t // block_q)
-    pad_t, pad_s = nq * block_q - t, -s % bk
-    # Padded query rows (sliced off at the end) and key slots (past every real query) are
-    # zeros; the causal mask keeps the slots out of every real row.
+    nq, nk = -(-t // block_q), -(-s // bk)
+    pad_t, pad_s = nq * block_q - t, nk * bk - s
+    # Padded query rows are sliced off at the end; padded key slots get a position past every
+    # query, so no row sees them.
     q = jnp.pad(q, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
     k, v = (jnp.pad(a, ((0, 0), (0, pad_s), (0, 0), (0, 0))) for a in (k, v))
+    q_pos = jnp.pad(jnp.asarray(q_pos, jnp.int32), [(0, 0)] * (jnp.ndim(q_pos) - 1) + [(0, pad_t)])
+    never = jnp.iinfo(jnp.int32).max
+    k_pos = jnp.asarray(k_pos, jnp.int32)
+    k_pos = jnp.pad(k_pos, [(0, 0)] * (k_pos.ndim - 1) + [(0, pad_s)], constant_values=never)
     chunks = q.reshape(b, nq, block_q, hkv, g, d).transpose(1, 0, 2, 3, 4, 5)
-    first = jnp.asarray(length, jnp.int32) - t  # position of query 0
+    static = length is None or isinstance(length, int)  # static block counts
     low = jnp.finfo(jnp.float32).min
+
+    def blocks_for(i):
+        """Key blocks query chunk `i` visits."""
+        if length is None:
+            return nk
+        last = jnp.minimum(length - t + (i + 1) * block_q, length) - 1  # its last real query
+        if static:
+            last = min(length - t + (i + 1) * block_q, length) - 1
+        return last // bk + 1
 
     def chunk(args):
         i, qc = args  # qc: (B, Tq, Hkv, G, D)
-        q_pos = first + i * block_q + jnp.arange(block_q)  # (Tq,)
-        last = jnp.minimum(first + (i + 1) * block_q, length) - 1  # last real query's position
-        n_blocks = last // bk + 1
+        qp = jax.lax.dynamic_slice_in_dim(q_pos, i * block_q, block_q, axis=-1)
 
         def step(j, carry):
             m, total, acc = carry
             kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
             vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+            kp = jax.lax.dynamic_slice_in_dim(k_pos, j * bk, bk, axis=-1)
             sc = jnp.einsum("bqkgd,bskd->bkgqs", qc, kb, preferred_element_type=jnp.float32)
             sc = sc * d**-0.5  # (B, Hkv, G, Tq, Bk)
-            seen = j * bk + jnp.arange(bk)[None, :] <= q_pos[:, None]  # (Tq, Bk)
+            seen = kp[..., None, :] <= qp[..., :, None]  # (Tq, Bk) or (B, Tq, Bk)
+            if seen.ndim == 3:
+                seen = seen[:, None, None]
             sc = jnp.where(seen, sc, low)
             m_new = jnp.maximum(m, sc.max(axis=-1))
             p = jnp.where(seen, jnp.exp(sc - m_new[..., None]), 0.0)
@@ -176,10 +218,13 @@ def _streamed_causal_attention(q, k, v, length, budget):
             jnp.zeros((b, hkv, g, block_q), jnp.float32),
             jnp.zeros((b, hkv, g, block_q, d), jnp.float32),
         )
-        _, total, acc = jax.lax.fori_loop(0, n_blocks, step, init)
+        _, total, acc = jax.lax.fori_loop(0, blocks_for(i), step, init)
         return acc / jnp.where(total > 0, total, 1.0)[..., None]  # (B, Hkv, G, Tq, D)
 
-    out = jax.lax.map(chunk, (jnp.arange(nq), chunks))  # (nq, B, Hkv, G, Tq, D)
+    if static:  # static trip counts: a scan per chunk, which reverse-mode AD goes through
+        out = jnp.stack([chunk((i, chunks[i])) for i in range(nq)])
+    else:  # trip counts follow the traced length (a while loop per chunk)
+        out = jax.lax.map(chunk, (jnp.arange(nq), chunks))  # (nq, B, Hkv, G, Tq, D)
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * block_q, h, d)
     return out[:, :t].astype(q.dtype)
 

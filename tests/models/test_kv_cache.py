@@ -1,5 +1,7 @@
 """The full-precision cache's attention: `causal_attention`, materialized and streamed."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,3 +88,43 @@ def test_long_prompt_prefill_fits_in_memory(kind):
     prefill = jax.jit(lambda c, q, k, v: c.update(k, v).attend(q))
     memory = prefill.lower(cache, q, kv, kv).compile().memory_analysis()
     assert memory.temp_size_in_bytes < 1 << 30
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["positions_T", "positions_BT"])
+def test_streamed_attention_masks_by_position_and_differentiates(batched):
+    """No cache (a full forward): every key block is visited under the positions' mask, in
+    static loops, so training can take gradients through it."""
+    from jqtz.models.kv_cache import streamed_attention
+
+    b, t, h, hkv = 2, 700, 4, 2
+    q, k, v = _qkv(b, t, h, hkv, t, seed=5)
+    pos = jnp.arange(t) + 3
+    if batched:
+        pos = jnp.stack([pos, pos + 100])
+    mask = jnp.broadcast_to(pos[..., None, :] <= pos[..., :, None], (b, t, t))
+
+    def loss(fn, q):
+        return jnp.sum(jnp.tanh(fn(q)))
+
+    dense = lambda q: dot_product_attention(q, k, v, mask)
+    streamed = lambda q: streamed_attention(q, k, v, pos, pos, score_budget=1 << 20)
+    assert _rel(streamed(q), dense(q)) < 2e-6
+    g_dense, g_streamed = (jax.grad(functools.partial(loss, f))(q) for f in (dense, streamed))
+    assert _rel(g_streamed, g_dense) < 1e-5
+
+
+def test_long_sequence_forward_without_a_cache_streams(monkeypatch):
+    """`Llama` without a cache (perplexity, training) takes the streamed path above the budget
+    and gives the same logits."""
+    import jqtz.models.kv_cache as kv_cache
+    from jqtz.models.llama import Llama, LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                         hidden_dim=128, max_seq_len=1024, tie_embeddings=True)  # fmt: skip
+    tokens = jax.random.randint(jax.random.key(0), (1, 600), 0, 64)
+    params = Llama(config).init(jax.random.key(1), tokens)
+    want = Llama(config).apply(params, tokens)
+    monkeypatch.setattr(kv_cache, "SCORE_BUDGET", 1 << 20)
+    jaxpr = str(jax.make_jaxpr(Llama(config).apply)(params, tokens))
+    assert "while" in jaxpr or "scan" in jaxpr  # the key-block loop
+    assert _rel(Llama(config).apply(params, tokens), want) < 1e-5
