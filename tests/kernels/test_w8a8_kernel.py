@@ -293,6 +293,19 @@ def test_dispatch_serves_every_w8a8_layout_the_kernel_covers(name):
     assert _rel(y, xla) < 1e-5
 
 
+@pytest.mark.parametrize("name", [n for n, (_, served) in W8A8_SPECS.items() if served])
+def test_every_served_w8a8_layout_lowers_for_cuda(name):
+    """The whole serving call (activation quantization by jqtz, the kernel) for each layout,
+    lowered for an H100 from this CPU: one Triton launch, no dequantized weight."""
+    qw = _w8a8_qarray(W8A8_SPECS[name][0])
+    if name in ("fp8-per-tensor", "smoothquant-static"):
+        qw = _calibrated(qw, 4.0)
+    x = jax.ShapeDtypeStruct((16, 256), jnp.bfloat16)
+    text = common.lower_for_cuda(lambda x, w: dispatch.maybe_matmul(x, w, **H100), x, qw)
+    assert text.count(common.TRITON_CUSTOM_CALL) == 1
+    assert "tensor<256x192xf32>" not in text and "tensor<256x192xbf16>" not in text
+
+
 def test_block_scaled_dispatch_needs_whole_blocks_along_k():
     qw = _w8a8_qarray(fp8_spec("block128"), k=320)  # K = 2.5 blocks
     x = jax.ShapeDtypeStruct((4, 320), jnp.bfloat16)
