@@ -72,7 +72,20 @@ class QArray:
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
-        """Leading dimensions beyond the logical shape (from vmap or stacked layers)."""
+        """Leading dimensions beyond the logical shape (from vmap or stacked layers).
+
+        Raises:
+          ValueError: the codes have fewer axes than the logical shape: a leaf quantized whole
+            was sliced (as `nn.scan` slices stacked layers); quantize such leaves with
+            `Rule(..., batch_dims=1)`.
+        """
+        if self.qvalue.ndim < self.ndim:
+            raise ValueError(
+                f"a QArray of shape {self.shape} holds codes of shape {self.qvalue.shape}: it "
+                "was quantized as one array and then sliced, as nn.scan / nnx.vmap slice "
+                "stacked layers. Quantize stacked layers per layer: "
+                "jqtz.Rule(pattern, spec, batch_dims=1)"
+            )
         return tuple(self.qvalue.shape[: self.qvalue.ndim - self.ndim])
 
     @property
@@ -157,6 +170,7 @@ class QArray:
 
     def dequantize(self, dtype=None) -> jax.Array:
         """The real values: (code - zero_point) * scale, in `dtype` (default `self.dtype`)."""
+        self.batch_shape  # noqa: B018 (raises, naming the fix, on a sliced QArray)
         values = self.format.decode(self.codes())
         rank = self.ndim
         vb = _blocks.to_blocks(values, self.block_shape, fill=0)

@@ -36,6 +36,7 @@ def quantize(
     scale: jax.Array | None = None,
     zero_point: jax.Array | None = None,
     dtype=None,
+    batch_dims: int = 0,
 ) -> QArray:
     """Quantize `x` with round-to-nearest as `spec` says.
 
@@ -45,6 +46,10 @@ def quantize(
       scale: optional static scales (shape broadcastable to the blocks); chosen from `x` if None.
       zero_point: static zero points, required with `scale` for asymmetric specs.
       dtype: the dtype `dequantize` returns; defaults to `x.dtype`.
+      batch_dims: leading axes of stacked arrays (layers stacked by `nn.scan` or `nnx.vmap`):
+        each slice is quantized as an array of its own (`spec` applies to `x.shape[batch_dims:]`),
+        and the QArray's `batch_shape` is `x.shape[:batch_dims]`; indexing it (as `scan` does)
+        gives each slice's QArray.
 
     Returns:
       A `QArray`. Non-finite inputs are rejected when `x` is concrete (outside `jit`).
@@ -60,6 +65,19 @@ def quantize(
         bad = int(jnp.size(x) - jnp.count_nonzero(jnp.isfinite(x)))
         if bad:
             raise ValueError(f"`x` has {bad} non-finite values (NaN or Inf); cannot quantize")
+    if batch_dims:
+        if (
+            not isinstance(batch_dims, int)
+            or isinstance(batch_dims, bool)
+            or not 0 < batch_dims < x.ndim
+        ):
+            raise ValueError(
+                f"`batch_dims`={batch_dims!r} must be an int from 0 to x.ndim - 1 = {x.ndim - 1}"
+            )
+        if scale is not None or zero_point is not None:
+            raise NotImplementedError("static `scale`/`zero_point` with `batch_dims`")
+        one = functools.partial(quantize, spec=spec, dtype=dtype, batch_dims=batch_dims - 1)
+        return jax.vmap(one)(x)
     block = spec.block_shape_for(x.shape)
     if scale is None:
         if zero_point is not None:

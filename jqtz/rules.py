@@ -47,11 +47,25 @@ class Rule:
       pattern: a regular expression, matched with `re.fullmatch` against the `/`-joined path.
       spec: the `QuantSpec`, or None to keep matching parameters in full precision.
       force: also quantize parameters kept by default (embeddings, heads, norms, biases, 1-D).
+      batch_dims: leading axes of stacked layers (`nn.scan` / `nnx.vmap` over layers, e.g. a
+        kernel `[layers, K, N]`): `spec` applies to each slice (`jqtz.quantize(...,
+        batch_dims=...)`), so groups never span layers and `scan` hands each layer its own
+        QArray. 0 (default): the leaf is one array.
+
+    Example (layers stacked by `nn.scan`):
+      >>> import jax.numpy as jnp, jqtz
+      >>> params = {"layers": {"mlp": {"kernel": jnp.ones((4, 256, 64))}}}
+      >>> spec = jqtz.QuantSpec(format="int4", granularity="group", group_size=128)
+      >>> q = jqtz.quantize_params(params, [jqtz.Rule(r".*/kernel", spec, batch_dims=1)])
+      >>> k = q["layers"]["mlp"]["kernel"]
+      >>> k.batch_shape, k.shape, k.block_shape
+      ((4,), (256, 64), (128, 1))
     """
 
     pattern: str
     spec: QuantSpec | None
     force: bool = False
+    batch_dims: int = 0
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
@@ -65,6 +79,9 @@ class Rule:
                 f"Rule {self.pattern!r}: spec must be a QuantSpec or None, "
                 f"got {type(self.spec).__name__}"
             )
+        b = self.batch_dims
+        if not isinstance(b, int) or isinstance(b, bool) or b < 0:
+            raise ValueError(f"Rule {self.pattern!r}: batch_dims must be an int >= 0, got {b!r}")
 
     def matches(self, path: str) -> bool:
         return re.fullmatch(self.pattern, path) is not None
@@ -80,6 +97,7 @@ class Decision:
     spec: QuantSpec | None
     reason: str
     rule: int | None
+    batch_dims: int = 0
 
     @property
     def action(self) -> str:
@@ -87,8 +105,12 @@ class Decision:
             return "keep"
         from jqtz import _blocks
 
-        block = self.spec.block_shape_for(self.shape, path=self.path)
-        return f"{self.spec.storage_format.name} {_blocks.describe(self.shape, block)}"
+        shape = self.shape[self.batch_dims :]
+        block = self.spec.block_shape_for(shape, path=self.path)
+        action = f"{self.spec.storage_format.name} {_blocks.describe(shape, block)}"
+        if self.batch_dims:
+            action += f", {'x'.join(map(str, self.shape[: self.batch_dims]))} stacked"
+        return action
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +121,23 @@ class Plan:
     unmatched_rules: tuple[int, ...]
     protected_only_rules: tuple[int, ...]
     rules: tuple[Rule, ...]
+    #: paths of leaves of rank >= 3 whose groups are cut short by a first axis smaller than the
+    #: group: layers stacked by `scan` (groups would span layers) without `batch_dims`.
+    maybe_stacked: tuple[str, ...] = ()
 
     def by_path(self) -> dict[str, Decision]:
         return {d.path: d for d in self.decisions}
+
+    def require_unstacked(self, what: str) -> None:
+        """Raise ValueError when a rule stacks layers (`batch_dims`), which `what` does not
+        support yet; names the parameters."""
+        stacked = [d.path for d in self.decisions if d.spec is not None and d.batch_dims]
+        if stacked:
+            raise ValueError(
+                f"{what} does not support stacked layers (Rule batch_dims) yet; stacked: "
+                f"{', '.join(stacked[:3])}{' ...' if len(stacked) > 3 else ''}. Quantize them "
+                "with jqtz.quantize_params, or unstack the layers first"
+            )
 
     def check(self, *, strict: bool = False, stacklevel: int = 3) -> None:
         """Warn about rules that did nothing (`warnings()`); with `strict`, raise ValueError."""
@@ -122,6 +158,14 @@ class Plan:
             "(embeddings, heads, norms, biases, 1-D); set force=True to quantize them"
             for i in self.protected_only_rules
         ]
+        if self.maybe_stacked:
+            p = self.maybe_stacked[0]
+            shape = self.by_path()[p].shape
+            out.append(
+                f"{len(self.maybe_stacked)} parameter(s) look like stacked layers (e.g. {p!r}, "
+                f"shape {shape}: its first axis is shorter than the group, so groups would span "
+                "layers); quantize each layer on its own with Rule(..., batch_dims=1)"
+            )
         return out
 
 
@@ -191,6 +235,7 @@ def plan(params, rules) -> Plan:
     rules = normalize_rules(rules)
     decisions = []
     applied = [0] * len(rules)
+    maybe_stacked: list[str] = []
     matched = [0] * len(rules)
     for path, leaf in _leaves_with_paths(params):
         shape, dtype = tuple(np.shape(leaf)), np.dtype(getattr(leaf, "dtype", np.float32))
@@ -210,12 +255,29 @@ def plan(params, rules) -> Plan:
             elif protected and not (rule.force and protected != "not floating point"):
                 d = Decision(path, shape, dtype, None, f"kept by default: {protected}", idx)
             else:
-                rule.spec.block_shape_for(shape, path=path)  # shape errors name the path now
+                b = rule.batch_dims
+                if b and len(shape) <= b:
+                    raise ValueError(
+                        f"parameter {path!r} of shape {shape}: rule {idx} stacks batch_dims={b} "
+                        "leading axes, but the leaf has no axes left to quantize"
+                    )
+                rule.spec.block_shape_for(shape[b:], path=path)  # shape errors name the path
+                if not b and _groups_cut_short(rule.spec, shape):
+                    maybe_stacked.append(path)
                 applied[idx] += 1
-                d = Decision(path, shape, dtype, rule.spec, f"rule {idx}", idx)
+                d = Decision(path, shape, dtype, rule.spec, f"rule {idx}", idx, b)
         decisions.append(d)
     unmatched = tuple(i for i, n in enumerate(matched) if n == 0)
     protected_only = tuple(
         i for i, r in enumerate(rules) if matched[i] and not applied[i] and r.spec is not None
     )
-    return Plan(tuple(decisions), unmatched, protected_only, rules)
+    return Plan(tuple(decisions), unmatched, protected_only, rules, tuple(maybe_stacked))
+
+
+def _groups_cut_short(spec: QuantSpec, shape) -> bool:
+    """A group along axis 0 of a rank >= 3 leaf that is longer than that axis (a `[layers, K,
+    N]` kernel quantized whole: the groups would run across layers)."""
+    if spec.granularity != "group" or len(shape) < 3:
+        return False
+    axes = spec.axis if isinstance(spec.axis, tuple) else (spec.axis,)
+    return any(a % len(shape) == 0 for a in axes) and shape[0] < spec.group_size

@@ -48,7 +48,7 @@ def quantize_params(params, rules, *, strict: bool = False):
 
     def one(keypath, leaf):
         path = rules_lib.path_str(keypath)
-        spec = decisions[path].spec
+        spec, batch_dims = decisions[path].spec, decisions[path].batch_dims
         if spec is None:
             return leaf
         if not isinstance(leaf, jax.core.Tracer):
@@ -61,7 +61,7 @@ def quantize_params(params, rules, *, strict: bool = False):
                     f"Rule({path!r}, None)"
                 )
         try:
-            q = quantize(leaf, spec)
+            q = quantize(leaf, spec, batch_dims=batch_dims)
         except (ValueError, NotImplementedError, TypeError) as e:
             raise type(e)(f"parameter {path!r}: {e}") from None
         if not isinstance(leaf, jax.core.Tracer):

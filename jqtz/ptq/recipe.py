@@ -238,6 +238,13 @@ def quantize_model(
 
     t0 = time.perf_counter()
     plan = rules_lib.plan(params, recipe.all_rules(layout))
+    linear = set(layout.linear_paths())
+    stacked = [d.path for d in plan.decisions if d.batch_dims and d.path in linear]
+    if stacked:
+        raise ValueError(
+            f"the layout's linears are one array per layer; rules stack {', '.join(stacked[:3])} "
+            "(batch_dims): drop batch_dims from the rules that match them"
+        )
     specs = {d.path: d.spec for d in plan.decisions}
     block_fn = methods.block_procedure(recipe)
     qparams, records = run_blocks(
@@ -251,11 +258,11 @@ def quantize_model(
         propagate=recipe.propagate,
         progress=progress,
     )
-    linear = set(layout.linear_paths())
     extra = [d for d in plan.decisions if d.spec is not None and d.path not in linear]
     for d in extra:
         t1 = time.perf_counter()
-        qparams = _set(qparams, d.path, quantize(_get(params, d.path), d.spec))
+        leaf = quantize(_get(params, d.path), d.spec, batch_dims=d.batch_dims)
+        qparams = _set(qparams, d.path, leaf)
         records.append(
             LayerRecord(d.path, "rtn", f"{d.spec.storage_format.name}", time.perf_counter() - t1)
         )

@@ -79,6 +79,7 @@ def plan_with_state(params, rules, learned, amax_history, *, strict: bool = Fals
     """The rules' decisions per path, and the learned scales and FP8 histories per path, checked
     to belong to quantized parameters. Rules that match nothing warn (or raise with `strict`)."""
     plan = rules_lib.plan(params, rules)
+    plan.require_unstacked("jqtz.qat")
     plan.check(strict=strict, stacklevel=4)
     decisions = plan.by_path()
     learned_by_path = entries(learned, name="learned")

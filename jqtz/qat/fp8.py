@@ -63,7 +63,9 @@ def init_amax_history(params, rules, *, length: int = 16) -> dict:
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise ValueError(f"`length` must be a positive int, got {length!r}")
     out: dict[str, dict] = {}
-    for d in rules_lib.plan(params, rules).decisions:
+    plan = rules_lib.plan(params, rules)
+    plan.require_unstacked("jqtz.qat")
+    for d in plan.decisions:
         entry = {}
         if _is_fp8_tensor(d.spec):
             entry["weight"] = jnp.zeros((length,), jnp.float32)

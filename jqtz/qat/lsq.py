@@ -59,6 +59,7 @@ def init_learned_scales(params, rules, *, act_scales=None) -> dict:
       ValueError: `act_scales` holds a path that the rules do not quantize.
     """
     plan = rules_lib.plan(params, rules)
+    plan.require_unstacked("jqtz.qat")
     leaves = _tree.leaves_by_path(params)
     out: dict[str, dict] = {}
     for d in plan.decisions:

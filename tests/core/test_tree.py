@@ -3,6 +3,7 @@
 import doctest
 import importlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -234,3 +235,83 @@ def test_real_llama2c_layers_error_ordering_and_bounds(shared_data):
         assert errors["int8-channel", p] < 0.02
         assert errors["int8-channel", p] < errors["int4-g32", p] < 0.2
         assert errors["int8-channel", p] < errors["nf4-g32", p] < 0.2
+
+
+# -- stacked layers (nn.scan / nnx.vmap over layers) --------------------------------------------
+
+
+class _Layer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.Dense(64)(x), None
+
+
+class _Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(_Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        return stack()(x, None)[0]
+
+
+def test_stacked_layers_are_quantized_per_layer_and_served_under_scan():
+    x = jax.random.normal(jax.random.key(0), (2, 64))
+    model = _Scanned()
+    params = model.init(jax.random.key(1), x)
+    stacked = params["params"]["Scan_Layer_0"]["Dense_0"]["kernel"]  # (layers, K, N)
+    assert stacked.shape[0] == 3
+    spec = QuantSpec(format="int4", granularity="group", group_size=32)
+    q = jqtz.quantize_params(params, [jqtz.Rule(r".*/kernel", spec, batch_dims=1)])
+    qk = q["params"]["Scan_Layer_0"]["Dense_0"]["kernel"]
+    assert qk.batch_shape == (3,) and qk.shape == stacked.shape[1:] and qk.block_shape == (32, 1)
+    # Each layer's QArray is what quantizing that layer alone gives.
+    for i in range(3):
+        alone = jqtz.quantize(stacked[i], spec)
+        layer = jax.tree.map(lambda a, i=i: a[i], qk)
+        np.testing.assert_array_equal(np.asarray(layer.qvalue), np.asarray(alone.qvalue))
+        np.testing.assert_array_equal(np.asarray(layer.scale), np.asarray(alone.scale))
+    plan = jqtz.plan(params, [jqtz.Rule(r".*/kernel", spec, batch_dims=1)])
+    assert "int4 g32, 3 stacked" in [d.action for d in plan.decisions]
+    # The unmodified model runs on the tree: scan hands each layer its own QArray.
+    with jqtz.nn.quantized_ops():
+        y = model.apply(q, x)
+    want = model.apply(jqtz.dequantize_params(q), x)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_layers_without_batch_dims_warn_then_fail_clearly():
+    x = jnp.ones((2, 64))
+    model = _Scanned()
+    params = model.init(jax.random.key(1), x)
+    spec = QuantSpec(format="int4", granularity="group", group_size=32)
+    with pytest.warns(UserWarning, match="batch_dims=1"):
+        q = jqtz.quantize_params(params, [jqtz.Rule(r".*/kernel", spec)])
+    with pytest.raises(ValueError, match="batch_dims=1"), jqtz.nn.quantized_ops():
+        model.apply(q, x)
+
+
+def test_stacked_nnx_layers():
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+        return nnx.Linear(64, 48, rngs=nnx.Rngs(key))
+
+    layers = make(jax.random.split(jax.random.key(0), 4))
+    state = nnx.state(layers, nnx.Param)
+    spec = QuantSpec(format="int8")
+    q = jqtz.quantize_params(state, [jqtz.Rule(r".*kernel", spec, batch_dims=1)])
+    kernel = [leaf for leaf in jax.tree.leaves(q, is_leaf=jqtz.is_qarray) if jqtz.is_qarray(leaf)]
+    assert len(kernel) == 1 and kernel[0].batch_shape == (4,) and kernel[0].shape == (64, 48)
+
+
+def test_batch_dims_errors_name_the_problem():
+    with pytest.raises(ValueError, match="batch_dims must be an int >= 0"):
+        jqtz.Rule(".*", INT8, batch_dims=-1)
+    with pytest.raises(ValueError, match="no axes left"):
+        jqtz.quantize_params({"w": jnp.ones((3, 4))}, [jqtz.Rule("w", INT8, batch_dims=2)])
+    with pytest.raises(ValueError, match="batch_dims"):
+        jqtz.quantize(jnp.ones((3, 4)), INT8, batch_dims=2)
+    stacked = {"w": jnp.ones((3, 64, 64))}
+    rules = [jqtz.Rule("w", INT8, batch_dims=1)]
+    from jqtz import qat
+
+    with pytest.raises(ValueError, match="stacked layers"):
+        qat.fake_quant_params(stacked, rules)

@@ -192,3 +192,34 @@ def test_mosaic_kernels_inside_the_model_match_the_xla_path():
     assert prefill == "w4a16-mosaic"
     xla, _, _ = nll(enabled=False)
     assert abs(mosaic - xla) < 1e-2
+
+
+def test_layers_stacked_by_scan_reach_the_kernel(pretend_h100):
+    """A linen model that scans over stacked layers, quantized per layer (`batch_dims=1`):
+    inside the scan each layer's QArray is 2-D, and its product is a kernel launch."""
+    import flax.linen as nn
+
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.Dense(256, dtype=jnp.bfloat16)(x), None
+
+    class Scanned(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            stack = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                            length=4)  # fmt: skip
+            return stack()(x, None)[0]
+
+    x = jnp.ones((1, 256), jnp.bfloat16)
+    params = Scanned().init(jax.random.key(0), x)
+    rule = jqtz.Rule(r".*/kernel", default_spec("rtn"), batch_dims=1)
+    qparams = jqtz.quantize_params(params, [rule])
+
+    def run(p, x):
+        with jqtz.nn.quantized_ops():
+            return Scanned().apply(p, x)
+
+    text = common.lower_for_cuda(run, qparams, x)
+    assert _kernel_calls(text) == 1  # one launch, in the scan's body, run for every layer
+    assert "tensor<256x256xbf16>" not in text and "tensor<256x256xf32>" not in text
