@@ -162,9 +162,10 @@ class Plan:
             p = self.maybe_stacked[0]
             shape = self.by_path()[p].shape
             out.append(
-                f"{len(self.maybe_stacked)} parameter(s) look like stacked layers (e.g. {p!r}, "
-                f"shape {shape}: its first axis is shorter than the group, so groups would span "
-                "layers); quantize each layer on its own with Rule(..., batch_dims=1)"
+                f"{len(self.maybe_stacked)} parameter(s) of rank >= 3 have a first axis shorter "
+                f"than their group (e.g. {p!r}, shape {shape}), so each group holds only "
+                f"{shape[0]} values along it. If these are layers stacked by nn.scan or "
+                "nnx.vmap, quantize each layer on its own with Rule(..., batch_dims=1)"
             )
         return out
 
