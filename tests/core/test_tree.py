@@ -289,17 +289,38 @@ def test_stacked_layers_without_batch_dims_warn_then_fail_clearly():
         model.apply(q, x)
 
 
-def test_stacked_nnx_layers():
-    @nnx.vmap(in_axes=0, out_axes=0)
-    def make(key):
-        return nnx.Linear(64, 48, rngs=nnx.Rngs(key))
+class _NNXBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(64, 64, rngs=rngs)
 
-    layers = make(jax.random.split(jax.random.key(0), 4))
-    state = nnx.state(layers, nnx.Param)
-    spec = QuantSpec(format="int8")
-    q = jqtz.quantize_params(state, [jqtz.Rule(r".*kernel", spec, batch_dims=1)])
-    kernel = [leaf for leaf in jax.tree.leaves(q, is_leaf=jqtz.is_qarray) if jqtz.is_qarray(leaf)]
-    assert len(kernel) == 1 and kernel[0].batch_shape == (4,) and kernel[0].shape == (64, 48)
+    def __call__(self, x):
+        return jax.nn.relu(self.lin(x))
+
+
+class _NNXScanned(nnx.Module):
+    def __init__(self):
+        make = nnx.vmap(lambda key: _NNXBlock(nnx.Rngs(key)), in_axes=0, out_axes=0)
+        self.blocks = make(jax.random.split(jax.random.key(0), 3))
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return body(x, self.blocks)
+
+
+def test_stacked_nnx_layers_run_under_nnx_scan():
+    graphdef, state = nnx.split(_NNXScanned())
+    q = jqtz.quantize_params(state, [jqtz.Rule(r".*kernel", INT8, batch_dims=1)])
+    (kernel,) = [
+        leaf for leaf in jax.tree.leaves(q, is_leaf=jqtz.is_qarray) if jqtz.is_qarray(leaf)
+    ]
+    assert kernel.batch_shape == (3,) and kernel.shape == (64, 64)
+    x = jax.random.normal(jax.random.key(1), (2, 64))
+    y = jqtz.nn.use_quantized_ops(nnx.merge(graphdef, q))(x)
+    want = nnx.merge(graphdef, jqtz.dequantize_params(q))(x)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
 
 
 def test_batch_dims_errors_name_the_problem():
