@@ -71,8 +71,6 @@ _FORMATS = (
     "int2", "uint2", "int3", "uint3", "int4", "uint4", "int8", "uint8", "nf4", "fp8_e4m3",
     "fp8_e5m2",
 )  # fmt: skip
-#: 8-bit float codes: Triton converts them on sm_89 and newer (Ada, Hopper).
-_FLOAT_CODES = ("fp8_e4m3", "fp8_e5m2")
 _ACT_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 _SCALE_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 #: Largest M that takes the decode (split-K, 16-row tile) path.
