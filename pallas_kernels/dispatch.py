@@ -79,13 +79,11 @@ def _w8a8_operands(x2, w):
     """`(xq, sx, wq, sw)` for `w8a8.matmul`: `x2 [M, K]` quantized by jqtz exactly as its XLA
     path quantizes it (`jqtz.nn.ops.quantize_input`: the same codes), and the weight's codes
     and scales in place (block scales repeated along N, `[K/128, N]`: 1/128 of the codes)."""
-    from jqtz.nn.ops import quantize_input
+    from jqtz.nn.ops import quantize_input, scales_per_index
 
     qx = quantize_input(x2, w)
-    sx = qx.scale_values().astype(jnp.float32)  # [M, 1], [1, 1] or [M, K/128]
-    sw = w.scale_values().astype(jnp.float32)  # [1 or K/128, 1 or N or N/columns-per-block]
-    if sw.shape[1] not in (1, w.shape[1]):  # column blocks: one scale per column, per K block
-        sw = jnp.repeat(sw, w.block_shape[1], axis=1)[:, : w.shape[1]]
+    sx = qx.scale_values()  # [M, 1], [1, 1] or [M, K/128]
+    sw = scales_per_index(w, axes=(1,))  # [1 or K/128, 1 or N]: column blocks per column
     return qx.qvalue, sx, w.qvalue, sw
 
 

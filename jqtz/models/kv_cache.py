@@ -40,6 +40,7 @@ __all__ = [
     "LayerCache",
     "causal_attention",
     "dot_product_attention",
+    "masked_attention",
     "streamed_attention",
 ]
 
@@ -129,12 +130,25 @@ def causal_attention(
         >>> causal_attention(q, k, v, 5).shape
         (1, 3, 4, 8)
     """
+    t, s = q.shape[1], k.shape[1]
+    q_pos = length - t + jnp.arange(t)  # (T,)
+    return masked_attention(q, k, v, q_pos, jnp.arange(s), length=length, score_budget=score_budget)
+
+
+def masked_attention(q, k, v, q_pos, k_pos, *, length=None, score_budget=None) -> jax.Array:
+    """Attention under the mask ``k_pos[s] <= q_pos[t]``: `dot_product_attention` while the
+    ``B * H * T * S`` float32 scores fit ``score_budget`` (default `SCORE_BUDGET`), else
+    `streamed_attention` (same arguments). The one place that switch is made.
+
+    Example:
+        >>> q = jnp.ones((1, 3, 4, 8)); k = v = jnp.ones((1, 3, 2, 8)); pos = jnp.arange(3)
+        >>> masked_attention(q, k, v, pos, pos).shape
+        (1, 3, 4, 8)
+    """
     b, t, h, _ = q.shape
     s = k.shape[1]
-    q_pos = length - t + jnp.arange(t)  # (T,)
-    k_pos = jnp.arange(s)
     if b * h * t * s <= (SCORE_BUDGET if score_budget is None else score_budget):
-        mask = jnp.broadcast_to(k_pos[None, :] <= q_pos[:, None], (b, t, s))
+        mask = jnp.broadcast_to(k_pos[..., None, :] <= q_pos[..., :, None], (b, t, s))
         return dot_product_attention(q, k, v, mask)
     return streamed_attention(q, k, v, q_pos, k_pos, length=length, score_budget=score_budget)
 
@@ -185,9 +199,8 @@ def streamed_attention(q, k, v, q_pos, k_pos, *, length=None, score_budget=None)
         """Key blocks query chunk `i` visits."""
         if length is None:
             return nk
-        last = jnp.minimum(length - t + (i + 1) * block_q, length) - 1  # its last real query
-        if static:
-            last = min(length - t + (i + 1) * block_q, length) - 1
+        smaller = min if static else jnp.minimum
+        last = smaller(length - t + (i + 1) * block_q, length) - 1  # its last real query
         return last // bk + 1
 
     def chunk(args):

@@ -41,8 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jqtz.models import kv_cache
-from jqtz.models.kv_cache import KVCache, LayerCache, dot_product_attention
+from jqtz.models.kv_cache import KVCache, LayerCache, masked_attention
 from jqtz.nn import quantized_ops
 
 __all__ = [
@@ -218,12 +217,8 @@ class LlamaAttention(nn.Module):
         q = apply_rope(q.reshape(b, t, c.n_heads, c.head_dim), positions, c.rope_theta)
         k = apply_rope(k.reshape(b, t, c.n_kv_heads, c.head_dim), positions, c.rope_theta)
         v = v.reshape(b, t, c.n_kv_heads, c.head_dim)  # (B, T, Hkv, D)
-        if cache is None:
-            if b * c.n_heads * t * t <= kv_cache.SCORE_BUDGET:
-                causal = positions[..., None, :] <= positions[..., :, None]  # (..., T, T)
-                out = dot_product_attention(q, k, v, jnp.broadcast_to(causal, (b, t, t)))
-            else:  # long sequences: key blocks, never all T x T scores at once
-                out = kv_cache.streamed_attention(q, k, v, positions, positions)
+        if cache is None:  # causal by position; long sequences stream key blocks
+            out = masked_attention(q, k, v, positions, positions)
         else:
             cache = cache.update(k, v)
             out = cache.attend(q)  # (B, T, H, D)

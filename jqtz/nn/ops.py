@@ -270,18 +270,21 @@ def _quantized_product(lhs, rhs: QArray, dn, kwargs):
     acc = jax.lax.dot_general(
         qx.qvalue, rhs.qvalue, dn, preferred_element_type=acc_dtype, **kwargs
     ).astype(jnp.float32)
-    sx = jnp.squeeze(_per_index(qx, lhs.shape), axis=lc)  # (lhs free dims)
-    sw = jnp.squeeze(_per_index(rhs, rhs.shape), axis=rc)  # (rhs free dims)
+    sx = jnp.squeeze(scales_per_index(qx), axis=lc)  # (lhs free dims)
+    sw = jnp.squeeze(scales_per_index(rhs), axis=rc)  # (rhs free dims)
     return acc * sx.reshape(sx.shape + (1,) * sw.ndim) * sw
 
 
-def _per_index(q: QArray, shape) -> jax.Array:
-    """`q`'s scales with each axis either 1 (one block) or `shape`'s length (blocks along it
-    repeated, a last partial one cropped), so that they broadcast against the product: e.g.
-    128 x 128 weight blocks on a weight with a single block along K give one scale per output
-    column, not one per block of 128 columns."""
+def scales_per_index(q: QArray, axes=None) -> jax.Array:
+    """`q`'s scales (float32) with each of `axes` (default: all) either 1 (one block) or as
+    long as `q` along it (blocks repeated, a last partial one cropped), so that they broadcast
+    against a product: e.g. 128 x 128 weight blocks on a weight with a single block along K
+    give one scale per output column, not one per block of 128 columns. Other axes keep one
+    scale per block."""
     s = q.scale_values()
-    for axis, (blocks, size, block) in enumerate(zip(s.shape, shape, q.block_shape, strict=True)):
+    axes = range(s.ndim) if axes is None else [a % s.ndim for a in axes]
+    for axis in axes:
+        blocks, size, block = s.shape[axis], q.shape[axis], q.block_shape[axis]
         if blocks not in (1, size):
             s = jnp.repeat(s, block, axis=axis, total_repeat_length=blocks * block)
             s = jax.lax.slice_in_dim(s, 0, size, axis=axis)
