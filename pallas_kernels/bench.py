@@ -40,7 +40,8 @@ from pallas_kernels import common, decode_attention, w4a16, w8a8
 #: Bound on `||y - ref|| / ||ref||` for every timed config (see `common.ERROR_BOUND`).
 ERROR_BOUND = common.ERROR_BOUND
 
-#: Share of the tuning budget for each kernel (unused time passes on to the next).
+#: Share of the tuning budget for each kernel (of the selected kernels' total; unused time passes
+#: on to the next).
 _SHARES = (("w4a16", w4a16.benchmark, 0.45), ("w8a8", w8a8.benchmark, 0.25),
            ("decode_attention", decode_attention.benchmark, 0.30))  # fmt: skip
 
@@ -111,6 +112,13 @@ def main(argv=None) -> int:
         help="tiny shapes in the Pallas interpreter (any machine; no real timing)",
     )
     ap.add_argument("--only", default="", help="comma-separated kernels (default: all)")
+    ap.add_argument(
+        "--first-shape",
+        action="store_true",
+        help="each kernel's first shape alone (where its sweep runs): a tuning run",
+    )
+    ap.add_argument("--no-checks", action="store_true",
+                    help="skip the correctness checks on weights off the tiles")  # fmt: skip
     args = ap.parse_args(argv)
     if not args.smoke and not common.require_gpu_or_exit("pallas_kernels.bench"):
         return 0
@@ -129,7 +137,7 @@ def main(argv=None) -> int:
     start = time.monotonic()
     report("\n## checks: weights off the tiles (correctness only)")
     for name, module in (("w4a16", w4a16), ("w8a8", w8a8)):
-        if only and name not in only:
+        if (only and name not in only) or args.no_checks:
             continue
         try:
             checks += module.check_ragged(report, smoke=args.smoke)
@@ -138,15 +146,15 @@ def main(argv=None) -> int:
             report(traceback.format_exc())
     if args.out is not None:
         (args.out / "checks.json").write_text(json.dumps(checks, indent=1))
-    used = 0.0
-    for name, bench, share in _SHARES:
-        if only and name not in only:
-            continue
+    selected = [(name, bench, share) for name, bench, share in _SHARES if not only or name in only]
+    total, used = sum(share for *_, share in selected), 0.0
+    for name, bench, share in selected:
         used += share
-        deadline = start + used * args.budget_s
+        deadline = start + used / total * args.budget_s
         report(f"\n## {name}")
         try:
-            rows += bench(report, smoke=args.smoke, tune=args.tune, deadline=deadline)
+            rows += bench(report, smoke=args.smoke, tune=args.tune, deadline=deadline,
+                          first_only=args.first_shape)  # fmt: skip
         except Exception:  # keep the other kernels' results
             failures.append(name)
             report(traceback.format_exc())

@@ -953,28 +953,29 @@ def tune_candidates(batch: int, hkv: int, pages: int) -> list[TuningConfig | Mos
     # the default's split count first: a sweep cut short by its time budget has tried it
     splits = [sp for sp in dict.fromkeys((auto, 2 * auto, max(1, auto // 2), 4 * auto))
               if sp <= pages]  # fmt: skip
-    out = [TuningConfig(), MosaicConfig()]
+    out = [TuningConfig(), MosaicConfig(), MosaicConfig(block_tokens=128)]
     for sp in splits:
-        for warps, stages in ((4, 2), (4, 3), (8, 2)):
-            out.append(TuningConfig(num_splits=sp, num_warps=warps, num_stages=stages))
+        out += [
+            TuningConfig(num_splits=sp, num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 3))
+        ]
         out.append(TuningConfig(num_splits=sp, pages_per_step=2))
-        out += [MosaicConfig(num_splits=sp, max_concurrent_steps=st) for st in (2, 4)]
-        out.append(MosaicConfig(num_splits=sp, block_tokens=128))
+        out.append(MosaicConfig(num_splits=sp, max_concurrent_steps=4))
     return list(dict.fromkeys(out))
 
 
-def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), batch=8, heads=32,
-              kv_heads=8, head_dim=128, page=64):  # fmt: skip
+def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), first_only=False,
+              batch=8, heads=32, kv_heads=8, head_dim=128, page=64):  # fmt: skip
     """Time the kernel over int8, fp8 and int4 caches (int4 per token, KIVI per-channel keys,
     and int8 with per-token scales over 32-channel groups) and over bf16 pages, against XLA
     attention over a bf16 cache; with `tune`, sweep `tune_candidates` at the middle context
-    (the three fastest per cache kind at the others). `smoke`: tiny shapes in the interpreter.
+    (the three fastest per cache kind at the others; `first_only`: the middle context alone).
+    `smoke`: tiny shapes in the interpreter.
     Returns one dict per case for `pallas_kernels.bench`."""
     interpret = smoke
     iters = 1 if smoke else 20
     b, h, hkv, d = (2, 8, 2, 64) if smoke else (batch, heads, kv_heads, head_dim)
     page = 64 if smoke else page  # 64: the smallest page the Mosaic GPU path reads
-    contexts = (128,) if smoke else (16384, 8192, 32768)
+    contexts = (128,) if smoke else (16384, 8192, 32768)[: 1 if first_only else None]
     bw = common.measure_copy_bandwidth(1 << 20 if smoke else 1 << 30)
     report(f"decode attention B={b} H={h} Hkv={hkv} D={d} page={page}; copy {bw / 1e9:.0f} GB/s")
     report(f"{'cache':>9} {'context':>7} {'default us':>10} {'best us':>8} {'xla bf16':>8} "

@@ -145,8 +145,10 @@ def maybe_matmul(
         return None
     out_dtype = jnp.result_type(x.dtype, w.dtype)
     if name == "w8a8":
-        operands = _w8a8_operands(x.reshape(-1, x.shape[-1]), w)
-        y = w8a8.matmul(*operands, out_dtype=out_dtype, interpret=interpret)
+        xq, sx, wq, sw = _w8a8_operands(x.reshape(-1, x.shape[-1]), w)
+        k_major = xq.shape[0] >= w8a8.K_MAJOR_ROWS  # transposed per call (see K_MAJOR_ROWS)
+        wq = w8a8.to_k_major(wq) if k_major else wq
+        y = w8a8.matmul(xq, sx, wq, sw, out_dtype=out_dtype, interpret=interpret, w_k_major=k_major)
         return y.reshape(*x.shape[:-1], w.shape[1])
     config = w4a16.MosaicConfig() if name == "w4a16-mosaic" else None
     return w4a16.matmul(x, w, config=config, interpret=interpret)

@@ -87,6 +87,11 @@ class TuningConfig:
       split_k: programs that share one output tile along K (partial sums added by XLA).
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining depth.
+      fold_zero: integer codes below 8 bits enter the product as the 16-bit float `B + code`
+        made by bit operations alone (`B` = 128 for bf16, 1024 for f16: exact), and
+        `(B + zero) * sum(x)` is subtracted once per group and column, instead of converting
+        each code to float and subtracting its zero point (fewer instructions per weight).
+        Other codes ignore it.
     """
 
     block_m: int = 16
@@ -94,6 +99,7 @@ class TuningConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    fold_zero: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -329,6 +335,7 @@ def _kernel(
     kg,
     num_groups,
     groups_per_split,
+    fold_zero,
 ):
     zero_ref = rest[0] if len(rest) == 2 else None
     o_ref = rest[-1]
@@ -353,6 +360,15 @@ def _kernel(
     if -(-n // (wn * per_word)) * wn * per_word != n:
         code_cols = pl.program_id(1) * wn + iota((1, wn), 1) < -(-n // per_word)
     half = 2 ** (bits - 1)
+    # `fold_zero`: the bit pattern `magic | code` is the 16-bit float `base + code` (codes below
+    # 128 sit in the mantissa's low bits), so a product over it is `x @ (base + code)`.
+    fold = fold_zero and levels is None and 1 < bits < 8
+    magic, base = (0x4300, 128.0) if act_dtype == jnp.bfloat16 else (0x6400, 1024.0)
+
+    def offset(srow, c):  # (1, width) float32: what each column's codes are offset by
+        if zero_ref is not None:
+            return zero_ref[pl.ds(srow, 1), c].astype(jnp.float32)
+        return jnp.full((1, 1), float(half), jnp.float32)  # two's complement, sign bit flipped
 
     def dequant(codes, srow, c):
         """Codes of one step (kg, width) -> (code - zero) in the activation dtype (exact), or
@@ -360,10 +376,8 @@ def _kernel(
         if levels is not None:
             return _lookup(codes, levels).astype(act_dtype)
         v = codes.astype(jnp.float32)
-        if zero_ref is not None:
-            v = v - zero_ref[pl.ds(srow, 1), c].astype(jnp.float32)
-        elif bits < 8:  # a two's complement field, read unsigned with its sign bit flipped
-            v = v - float(half)
+        if zero_ref is not None or bits < 8:
+            v = v - offset(srow, c)
         return v.astype(act_dtype)
 
     def body(gi, accs):
@@ -389,8 +403,15 @@ def _kernel(
             if signed:
                 parts = tuple(f ^ half for f in parts)
         out = []
+        if fold:
+            xsum = jnp.sum(xg.astype(jnp.float32), axis=1, keepdims=True)  # (bm, 1)
         for acc, codes, c in zip(accs, parts, cols, strict=True):
-            p = jnp.dot(xg, dequant(codes, srow, c), preferred_element_type=jnp.float32)
+            if fold:  # x @ (base + code) - (base + zero) * sum(x)
+                w16 = jax.lax.bitcast_convert_type(codes.astype(jnp.uint16) | magic, act_dtype)
+                p = jnp.dot(xg, w16, preferred_element_type=jnp.float32)
+                p = p - xsum * (base + offset(srow, c))
+            else:
+                p = jnp.dot(xg, dequant(codes, srow, c), preferred_element_type=jnp.float32)
             out.append(acc + p * scale_ref[pl.ds(srow, 1), c].astype(jnp.float32))
         return tuple(out)
 
@@ -497,6 +518,7 @@ def matmul(
             kg=w.group,
             num_groups=w.num_groups,
             groups_per_split=per_split,
+            fold_zero=cfg.fold_zero,
         ),
         grid=grid,
         in_specs=in_specs,
@@ -705,26 +727,29 @@ def tune_candidates(m: int, n: int, num_groups: int, *, bits: int = 4) -> list:
     """The configs `--tune` tries for `m` rows and `bits`-bit codes (the default first):
     block_n, split-K and launch parameters around the default for decode; for larger M, Triton
     block sizes and launch parameters alternating with `MOSAIC_TUNE_CANDIDATES` (4-bit only),
-    so that a sweep cut short by its time budget has tried both lowerings."""
+    so that a sweep cut short by its time budget has tried both lowerings. Every Triton
+    config comes with `fold_zero` on and off (on first: the newer way)."""
     out = [default_config(m, n, num_groups, bits=bits)]
-    launch = ((4, 3), (4, 4), (8, 3))
     if m <= SMALL_M:
+        triton = []
         for bn in (64, 128, 256):
             auto = max(1, min(num_groups, common.cdiv(2 * H100_SMS, common.cdiv(n, bn))))
-            for split in sorted({max(1, auto // 2), auto, min(num_groups, 2 * auto)}):
-                for warps, stages in launch:
-                    out.append(TuningConfig(block_m=16, block_n=bn, split_k=split,
-                                            num_warps=warps, num_stages=stages))  # fmt: skip
+            for split in sorted({auto, min(num_groups, 2 * auto)}):
+                for warps, stages in ((4, 4), (8, 3), (4, 3)):
+                    triton.append(TuningConfig(block_m=16, block_n=bn, split_k=split,
+                                               num_warps=warps, num_stages=stages))  # fmt: skip
+        mosaic = []
     else:
         triton = [
             TuningConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
             for bm in (64, 128)
-            for bn in (64, 128, 256)
-            for warps, stages in launch
+            for bn in (128, 256)
+            for warps, stages in ((4, 3), (8, 3))
         ]
         mosaic = list(MOSAIC_TUNE_CANDIDATES) if bits == 4 else []
-        while triton or mosaic:
-            out += [c.pop(0) for c in (triton, mosaic) if c]
+    triton = [dataclasses.replace(c, fold_zero=f) for c in triton for f in (True, False)]
+    while triton or mosaic:
+        out += [c.pop(0) for c in (triton, mosaic) if c]
 
     def fits(c):  # Mosaic tiles that would pad the weight on every call are not tried
         if isinstance(c, MosaicConfig):
@@ -770,7 +795,15 @@ def check_ragged(report, *, smoke=False) -> list[dict]:
 
 
 def benchmark(
-    report, *, smoke=False, tune=False, deadline=float("inf"), bits=4, group=128, symmetric=False
+    report,
+    *,
+    smoke=False,
+    tune=False,
+    deadline=float("inf"),
+    first_only=False,
+    bits=4,
+    group=128,
+    symmetric=False,
 ):
     """Time the kernel against the bf16 XLA product; with `tune`, sweep `tune_candidates`.
 
@@ -778,7 +811,8 @@ def benchmark(
     `symmetric`.
 
     The sweep is full on the first shape; on the others only the three fastest configs of the
-    first shape (for the same M) and the default are tried. `smoke` runs tiny shapes in the
+    first shape (for the same M) and the default are tried (`first_only`: the first shape
+    alone). `smoke` runs tiny shapes in the
     Pallas interpreter on any machine (a check of this code, no timing worth reading). Returns
     one dict per (shape, M) for the suite's summary (`pallas_kernels.bench`).
     """
@@ -787,6 +821,7 @@ def benchmark(
     interpret = smoke
     iters = 1 if smoke else 20
     shapes = [(256, 256)] if smoke else [(8192, 8192), (14336, 4096), (4096, 14336)]
+    shapes = shapes[:1] if first_only else shapes
     ms = (1, 64) if smoke else (1, 4, 16, 64, 256)
     tune_ms = (1, 64) if smoke else (1, 64, 256)
     bw = common.measure_copy_bandwidth(1 << 20 if smoke else 1 << 30)

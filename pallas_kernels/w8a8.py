@@ -298,10 +298,20 @@ def matmul(
     return out[:m, :n]
 
 
-def to_k_major(wq: jax.Array) -> jax.Array:
-    """The `[N, K]` copy of weight codes `wq [K, N]` that a `MosaicConfig` reads.
+#: Rows of `x` from which the serving path (`pallas_kernels.dispatch`) gives the kernel the
+#: K-major weight. 8-bit `wgmma` reads B K-major only: on an H100 (2026-11-23, docs/benchmarks.md)
+#: Triton's int8 product at M = 1024..4096 ran 4 to 5x faster on `[N, K]` than on `[K, N]` codes
+#: (fp8 1.2x). Until jqtz stores W8A8 weights K-major at load time, the serving path transposes
+#: per call (2x the weight's bytes, a few percent of a product this large); below this many rows
+#: the product is memory-bound and reads `[K, N]` in place.
+K_MAJOR_ROWS = 128
 
-    Make it once at load time: transposing on every call would move the weight twice more.
+
+def to_k_major(wq: jax.Array) -> jax.Array:
+    """The `[N, K]` copy of weight codes `wq [K, N]` that a `MosaicConfig` reads (and Triton
+    reads faster: `K_MAJOR_ROWS`).
+
+    Best made once at load time: transposing on every call moves the weight twice more.
     """
     return jnp.asarray(wq).T.copy()
 
@@ -469,23 +479,24 @@ def check_ragged(report, *, smoke=False) -> list[dict]:
     return rows
 
 
-def benchmark(report, *, smoke=False, tune=False, deadline=float("inf")):
+def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), first_only=False):
     """Time int8 and fp8 e4m3 products (per-token x per-channel scales; fp8 also with 1x128 x
     128x128 block scales) against the bf16 XLA product; with `tune`, sweep `tune_candidates()`,
     Triton and Mosaic GPU (all on the first shape at the largest M, the three fastest
-    elsewhere). The kernel's time excludes the activations' quantization; `+xq us` includes it
-    (XLA's `quantize_rows` then the kernel, as `jqtz`'s W8A8 path runs). When tuning picks a
-    Triton config, it is also timed on the K-major weight (`triton_k_major_us`): whether one
-    load-time `[N, K]` layout would serve both lowerings at no cost. `smoke`: tiny shapes
-    in the interpreter. Returns one dict per case for `pallas_kernels.bench`."""
+    elsewhere; `first_only`: the first shape alone). From `K_MAJOR_ROWS` rows every config
+    reads the K-major weight, as served. The kernel's time excludes the activations'
+    quantization; `served` (`served_us`) includes it and the per-call transposition of the
+    weight, as `dispatch` runs the product now. `smoke`: tiny shapes in the interpreter.
+    Returns one dict per case for `pallas_kernels.bench`."""
     interpret = smoke
     iters = 1 if smoke else 10
     shapes = [(128, 256)] if smoke else [(8192, 8192), (14336, 4096), (4096, 14336)]
+    shapes = shapes[:1] if first_only else shapes
     ms = (128,) if smoke else (4096, 1024)
     rate = common.measure_matmul_rate(256 if smoke else 8192)
     report(f"w8a8; bf16 {rate / 1e12:.0f} TFLOP/s measured (8192^3 XLA product)")
     report(f"{'case':>9} {'M':>5} {'N':>6} {'K':>6} {'default us':>10} {'best us':>8} "
-           f"{'bf16 us':>8} {'speedup':>7} {'TFLOP/s':>7} {'of bf16':>7} {'+xq us':>8} "
+           f"{'bf16 us':>8} {'speedup':>7} {'TFLOP/s':>7} {'of bf16':>7} {'served':>8} "
            f"{'rel err':>8}  "
            "best config")  # fmt: skip
     cases = [("int8", jnp.int8, None), ("fp8", jnp.float8_e4m3fn, None)]
@@ -506,20 +517,22 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf")):
                 ws = [(wq, sw)] + [
                     (jnp.copy(wq), sw) for _ in range(common.copies_to_miss_cache(wq.nbytes) - 1)
                 ]
-                # Mosaic GPU reads the K-major copy that jqtz would make once at load time.
-                ws_t = [(to_k_major(q), s) for q, s in ws] if tune and not block else []
+                # Mosaic GPU, and Triton from `K_MAJOR_ROWS` rows (as served), read the
+                # K-major copy.
+                ws_t = [(to_k_major(q), s) for q, s in ws]
                 xqs = [quantize_rows(x[i], dtype, block) for i in range(calls)]
                 sets = [(*xqs[i], *ws[i % len(ws)]) for i in range(calls)]
-                sets_t = [(*xqs[i], *ws_t[i % len(ws_t)]) for i in range(calls)] if ws_t else []
+                sets_t = [(*xqs[i], *ws_t[i % len(ws_t)]) for i in range(calls)]
                 ref = reference(*sets[0], out_dtype=jnp.float32)
 
-                def measure(cfg, sets=sets, sets_t=sets_t, ref=ref, k_major=None):
-                    if k_major is None:  # Mosaic GPU needs the K-major weight; Triton takes both
-                        k_major = isinstance(cfg, MosaicConfig)
+                def k_major(cfg, m=m):
+                    return isinstance(cfg, MosaicConfig) or m >= K_MAJOR_ROWS
+
+                def measure(cfg, sets=sets, sets_t=sets_t, ref=ref):
                     fn = functools.partial(
-                        matmul, config=cfg, interpret=interpret, w_k_major=k_major
+                        matmul, config=cfg, interpret=interpret, w_k_major=k_major(cfg)
                     )
-                    args = sets_t if k_major else sets
+                    args = sets_t if k_major(cfg) else sets
                     err = common.relative_error(fn(*args[0]), ref)
                     return common.time_per_call(fn, args, iters=iters), err
 
@@ -535,26 +548,24 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf")):
                 if (si, m) == (0, ms[0]):
                     winners[name] = [c for _, c, _ in tried[:3]]
                 t, cfg, err = best
-                k_major = isinstance(cfg, MosaicConfig)
-                kt_us = None
-                if sets_t and not k_major:  # should jqtz store W8A8 weights K-major for Triton?
-                    kt_us = measure(cfg, k_major=True)[0] * 1e6
-                    report(f"  {name} M={m} N={n} K={k} {cfg} on the K-major weight: "
-                           f"{kt_us:.1f} us")  # fmt: skip
-                t_q = common.time_per_call(  # with the activations' quantization (XLA)
-                    lambda x, wq, sw, cfg=cfg, block=block, dtype=dtype, k_major=k_major: matmul(
-                        *quantize_rows(x, dtype, block), wq, sw, config=cfg, interpret=interpret,
-                        w_k_major=k_major,
-                    ),
-                    [(x[i], *(ws_t if k_major else ws)[i % len(ws)]) for i in range(calls)],
-                    iters=iters,
-                )  # fmt: skip
+
+                def served(x, wq, sw, cfg=cfg, block=block, dtype=dtype):
+                    """As `dispatch` serves it: XLA quantizes `x` (and transposes the weight)."""
+                    if k_major(cfg):
+                        wq = to_k_major(wq)
+                    xq, sx = quantize_rows(x, dtype, block)
+                    return matmul(xq, sx, wq, sw, config=cfg, interpret=interpret,
+                                  w_k_major=k_major(cfg))  # fmt: skip
+
+                t_q = common.time_per_call(
+                    served, [(x[i], *ws[i % len(ws)]) for i in range(calls)], iters=iters
+                )
                 flops = 2 * m * n * k / t
                 rows.append(dict(kernel=f"w8a8 {name}", m=m, n=n, k=k, us=t * 1e6,
                                  default_us=t_base * 1e6, baseline_us=t_bf16 * 1e6,
                                  speedup=t_bf16 / t, roofline=flops / rate, rel_err=err,
-                                 config=cfg, with_quant_us=t_q * 1e6,
-                                 triton_k_major_us=kt_us))  # fmt: skip
+                                 config=cfg, served_us=t_q * 1e6,
+                                 k_major=k_major(cfg)))  # fmt: skip
                 report(f"{name:>9} {m:5d} {n:6d} {k:6d} {t_base * 1e6:10.1f} {t * 1e6:8.1f} "
                        f"{t_bf16 * 1e6:8.1f} {t_bf16 / t:7.2f} {flops / 1e12:7.0f} "
                        f"{flops / rate:7.2f} {t_q * 1e6:8.1f} {err:8.1e}  {cfg}")  # fmt: skip

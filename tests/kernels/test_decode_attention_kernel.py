@@ -358,8 +358,8 @@ def test_tune_candidates_try_both_lowerings_and_the_default_split_first():
     cands = da.tune_candidates(8, 8, 256)  # the benchmark: 8 x 8 (sequence, KV head) pairs
     assert cands[:2] == [da.TuningConfig(), da.MosaicConfig()]
     auto = da._splits(da.TuningConfig(), 8, 8, 256)
-    assert {c.num_splits for c in cands[2:9]} == {auto}
-    assert len(set(cands)) == len(cands) and all(c.num_splits <= 256 for c in cands[2:])
+    assert {c.num_splits for c in cands[3:7]} == {auto}
+    assert len(set(cands)) == len(cands) and all(c.num_splits <= 256 for c in cands[3:])
     assert any(isinstance(c, da.MosaicConfig) and c.block_tokens == 128 for c in cands)
     assert any(isinstance(c, da.TuningConfig) and c.pages_per_step == 2 for c in cands)
 

@@ -1,5 +1,6 @@
 """W4A16 / W8A16 kernel: interpret mode vs the reference, CUDA lowering, can_use and dispatch."""
 
+import dataclasses
 import functools
 
 import jax
@@ -77,6 +78,25 @@ def test_interpret_matches_reference(name):
     # The reference itself is the QArray's own dequantization.
     direct = x.astype(jnp.float32) @ qw.dequantize(jnp.float32)
     assert _rel(ref, direct) < 1e-6
+
+
+@pytest.mark.parametrize("act", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_fold_zero_matches_reference(name, act):
+    """`fold_zero`: codes enter the product as the 16-bit float `base + code` (bit operations
+    only) and `(base + zero) * sum(x)` is subtracted per group: the same function. The base's
+    share of the float32 sums cancels, costing about `2^-24 * base * |sum x| / |y|` relative
+    error: base 128 for bf16, 1024 for f16 (whose 10-bit mantissa needs it; at most about one
+    f16 rounding, 2^-11, for 2-bit codes). Formats it does not cover take the usual path."""
+    m, k, n, fmt, group, sym, extra = CASES[name]
+    qw = _qweight(k, n, fmt, group, sym, seed=len(name), **extra)
+    x = jax.random.normal(jax.random.key(m + 1), (m, k), act)
+    pw = w4a16.prepare(qw)
+    cfg = dataclasses.replace(w4a16.default_config(m, n, pw.num_groups, bits=pw.bits),
+                              fold_zero=True)  # fmt: skip
+    y = w4a16.matmul(x, pw, config=cfg, interpret=True)
+    bound = {"nf4": 8e-3}.get(fmt, 1e-5 if pw.bits == 8 else 3e-5 if act == jnp.bfloat16 else 1e-3)
+    assert _rel(y, w4a16.reference(x, pw)) < bound
 
 
 def test_bf16_output_and_batch_dims():

@@ -306,6 +306,23 @@ def test_every_served_w8a8_layout_lowers_for_cuda(name):
     assert "tensor<256x192xf32>" not in text and "tensor<256x192xbf16>" not in text
 
 
+@pytest.mark.parametrize("name", ["smoothquant", "fp8-per-token", "fp8-block128"])
+def test_dispatch_gives_large_m_the_k_major_weight(name):
+    """From `K_MAJOR_ROWS` rows the kernel reads the transposed codes `[N, K]` (8-bit `wgmma`
+    reads B K-major only), with the same result as XLA's path; below, `[K, N]` in place."""
+    qw = _w8a8_qarray(W8A8_SPECS[name][0])
+    rows = w8a8.K_MAJOR_ROWS
+    x = jax.random.normal(jax.random.key(2), (rows, 256), jnp.bfloat16)
+    y = dispatch.maybe_matmul(x, qw, interpret=True, **H100)
+    assert _rel(y, jqtz.nn.dot_general(x, qw, (((1,), (0,)), ((), ())))) < 1e-5
+    code = "i8" if name == "smoothquant" else "f8E4M3FN"
+    for m, k_major in ((rows, True), (rows - 1, False)):
+        xs = jax.ShapeDtypeStruct((m, 256), jnp.bfloat16)
+        text = common.lower_for_cuda(lambda x, w: dispatch.maybe_matmul(x, w, **H100), xs, qw)
+        call = next(ln for ln in text.splitlines() if common.TRITON_CUSTOM_CALL in ln)
+        assert (f"tensor<192x256x{code}>" in call) == k_major, call[:300]
+
+
 def test_block_scaled_dispatch_needs_whole_blocks_along_k():
     qw = _w8a8_qarray(fp8_spec("block128"), k=320)  # K = 2.5 blocks
     x = jax.ShapeDtypeStruct((4, 320), jnp.bfloat16)
