@@ -88,14 +88,20 @@ def _w8a8_operands(x2, w):
 
 
 def kernel_for(
-    x, w, *, backend: str | None = None, compute_capability=None, lowering: str = "triton"
+    x, w, *, backend: str | None = None, compute_capability=None, lowering: str = "auto"
 ) -> str | None:
     """Name of the kernel `maybe_matmul(x, w, lowering=lowering)` runs ("w4a16", "w8a8", or
-    "w4a16-mosaic" for the Mosaic GPU W4A16 path), or None for XLA."""
+    "w4a16-mosaic" / "w8a8-mosaic" for their Mosaic GPU versions), or None for XLA.
+
+    `lowering` (`jqtz.nn.use_pallas_kernels`): "auto" takes the lowering measured faster on an
+    H100: Mosaic GPU for W8A8 products of at least `w8a8.K_MAJOR_ROWS` rows with one weight
+    scale along K (1.9x Triton's int8 and 2.6x its fp8 at 4096 x 8192 x 8192, docs/
+    benchmarks.md), Triton elsewhere; "mosaic" also takes Mosaic GPU for W4A16 above 16 rows;
+    "triton" never takes Mosaic GPU."""
     backend = backend or jax.default_backend()
     kw = dict(backend=backend, compute_capability=compute_capability)
+    rows = x.size // max(x.shape[-1], 1)
     if w4a16.can_use(x, w, **kw):
-        rows = x.size // max(x.shape[-1], 1)
         if lowering == "mosaic" and common.is_hopper(**kw) and rows > w4a16.SMALL_M:
             packed = w if isinstance(w, w4a16.PackedWeight) else w4a16.prepare(w)
             # Weights the Mosaic path would copy on every call stay on Triton, which reads them
@@ -103,10 +109,12 @@ def kernel_for(
             if w4a16.mosaic_unsupported(packed) is None and not w4a16.mosaic_pads(packed):
                 return "w4a16-mosaic"
         return "w4a16"
-    if _w8a8_mode(w) and x.ndim >= 1 and jnp.issubdtype(x.dtype, jnp.floating):
+    mode = _w8a8_mode(w)
+    if mode and x.ndim >= 1 and jnp.issubdtype(x.dtype, jnp.floating):
         probe = jax.ShapeDtypeStruct(x.shape, _W8A8_CODES[w.format.name])
         if w8a8.can_use(probe, w.qvalue, **kw):
-            return "w8a8"
+            mosaic = lowering != "triton" and mode == "channel" and common.is_hopper(**kw)
+            return "w8a8-mosaic" if mosaic and rows >= w8a8.K_MAJOR_ROWS else "w8a8"
     return None
 
 
@@ -114,7 +122,7 @@ def maybe_matmul(
     x: jax.Array,
     w,
     *,
-    lowering: str = "triton",
+    lowering: str = "auto",
     interpret: bool = False,
     backend: str | None = None,
     compute_capability=None,
@@ -127,8 +135,8 @@ def maybe_matmul(
         with per-channel or per-tensor weight scales and per-token or per-tensor activation
         scales, dynamic or calibrated, or with 128 x 128 weight blocks and 1 x 128 activation
         groups) or a `w4a16.PackedWeight`.
-      lowering: "triton" (the default), or "mosaic" to run the Mosaic GPU version of the kernel
-        where it has one for these operands (W4A16 with more than 16 rows, on a Hopper GPU).
+      lowering: "auto" (the default), "triton" or "mosaic": which Pallas lowering to take
+        where a kernel has both (`kernel_for`).
       interpret: run the kernel in the Pallas interpreter (any machine; pass a GPU `backend`
         and `compute_capability` to choose it as on that GPU).
       backend, compute_capability: the device to choose for (default: this one).
@@ -144,11 +152,13 @@ def maybe_matmul(
     if name is None:
         return None
     out_dtype = jnp.result_type(x.dtype, w.dtype)
-    if name == "w8a8":
+    if name in ("w8a8", "w8a8-mosaic"):
         xq, sx, wq, sw = _w8a8_operands(x.reshape(-1, x.shape[-1]), w)
         k_major = xq.shape[0] >= w8a8.K_MAJOR_ROWS  # transposed per call (see K_MAJOR_ROWS)
         wq = w8a8.to_k_major(wq) if k_major else wq
-        y = w8a8.matmul(xq, sx, wq, sw, out_dtype=out_dtype, interpret=interpret, w_k_major=k_major)
+        config = w8a8.MosaicConfig() if name == "w8a8-mosaic" else None
+        y = w8a8.matmul(xq, sx, wq, sw, config=config, out_dtype=out_dtype, interpret=interpret,
+                        w_k_major=k_major)  # fmt: skip
         return y.reshape(*x.shape[:-1], w.shape[1])
     config = w4a16.MosaicConfig() if name == "w4a16-mosaic" else None
     return w4a16.matmul(x, w, config=config, interpret=interpret)

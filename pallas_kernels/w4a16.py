@@ -151,21 +151,39 @@ class MosaicConfig:
 
     def __post_init__(self):
         common.check_mosaic_config(self)
+        if self.tile_m != 64 or self.tile_n < 128:
+            raise ValueError(
+                f"MosaicConfig(tile_m={self.tile_m}, tile_n={self.tile_n}): the W4A16 Mosaic GPU "
+                "kernel takes tile_m=64 and tile_n >= 128, the tiles seen to run on an H100 "
+                "(2026-11-23): tile_m=128 with tile_n=64 failed with "
+                "CUDA_ERROR_MISALIGNED_ADDRESS, which breaks every later GPU call of the "
+                "process, and tile_m=128 with tile_n=128 needs 32 bytes more shared memory "
+                "than a block has"
+            )
 
 
 def default_config(m: int, n: int, num_groups: int, *, bits: int = 4) -> TuningConfig:
     """H100 defaults for `m` rows, `n` output columns, `num_groups` kernel groups along K and
-    `bits`-bit codes (frozen until a GPU run tunes them; see docs/kernels.md). Tiles are 128
-    columns wide, or 64 where that covers N exactly and 128 would not (no masked last tile) and
-    the codes allow it (`min_block_n`)."""
+    `bits`-bit codes, from the tuning runs of 2026-11-23 (docs/benchmarks.md):
+
+    - `fold_zero` always (M = 1: 47 against 58 us at best without it; M = 64: 168 against
+      268 us);
+    - decode (M <= 16): 256-column tiles with 8 warps where N is a multiple of 256 and at
+      least 2048 (the fastest at N = 8192); else 128 columns, or 64 where that covers N
+      exactly and 128 would not (no masked last tile) and the codes allow it
+      (`min_block_n`), with 4 warps; K split until about two programs per SM exist;
+    - larger M: 64-row tiles with 4 warps up to 64 rows, 128-row tiles with 8 warps above.
+    """
     narrow = n % 128 and n % 64 == 0 and min_block_n(bits) <= 64
-    block_n = 64 if narrow else 128
     if m <= SMALL_M:
-        tiles = common.cdiv(n, block_n)
-        split = max(1, min(num_groups, common.cdiv(2 * H100_SMS, tiles)))
-        return TuningConfig(block_m=16, block_n=block_n, split_k=split, num_warps=4, num_stages=3)
-    block_m = 64 if m <= 64 else 128
-    return TuningConfig(block_m=block_m, block_n=block_n, split_k=1, num_warps=8, num_stages=3)
+        wide = n % 256 == 0 and n >= 2048
+        block_n, warps = (256, 8) if wide else (64 if narrow else 128, 4)
+        split = max(1, min(num_groups, common.cdiv(2 * H100_SMS, common.cdiv(n, block_n))))
+        return TuningConfig(block_m=16, block_n=block_n, split_k=split, num_warps=warps,
+                            num_stages=3, fold_zero=True)  # fmt: skip
+    block_m, warps = (64, 4) if m <= 64 else (128, 8)
+    return TuningConfig(block_m=block_m, block_n=64 if narrow else 128, num_warps=warps,
+                        num_stages=3, fold_zero=True)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -715,9 +733,7 @@ def can_use(x, w, *, backend: str | None = None, compute_capability=None) -> boo
 #: stages of x and code tiles, two dequantized tiles, the output tile).
 MOSAIC_TUNE_CANDIDATES = (
     MosaicConfig(),
-    MosaicConfig(tile_m=128, tile_n=128),
-    MosaicConfig(tile_m=64, tile_n=256, max_concurrent_steps=2),
-    MosaicConfig(tile_m=128, tile_n=64, max_concurrent_steps=4),
+    MosaicConfig(tile_n=256, max_concurrent_steps=2),
     MosaicConfig(max_concurrent_steps=6),
     MosaicConfig(grid_tile_width=8),
 )
@@ -846,7 +862,8 @@ def benchmark(
         wbs = [wb] + [jnp.copy(wb) for _ in range(common.copies_to_miss_cache(wb.nbytes) - 1)]
         shape_best = {}
         for m in ms:
-            calls = 2 if smoke else max(16 if m <= SMALL_M else 4, len(pws))
+            # many calls per program for short products: host timing noise shrinks per call
+            calls = 2 if smoke else max(32 if m <= SMALL_M else 8, len(pws))
             xs = jax.random.normal(jax.random.key(100 + m), (calls, m, k), jnp.bfloat16)
             sets = [(xs[i], pws[i % len(pws)]) for i in range(calls)]
             ref = reference(xs[0], pw)

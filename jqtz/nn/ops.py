@@ -77,30 +77,30 @@ def dot_general(
     return _with_quantized_activations(lhs, rhs, dimension_numbers, out_dtype, kwargs)
 
 
-_LOWERINGS = ("triton", "mosaic")
+_LOWERINGS = ("auto", "triton", "mosaic")
 
 
 def _pallas_from_env() -> tuple[bool, str, bool]:
     """`(enabled, lowering, interpret)` from the environment variable `JQTZ_PALLAS`."""
     value = os.environ.get("JQTZ_PALLAS", "1").strip().lower()
-    if value == "mosaic":
-        return True, "mosaic", False
+    if value in ("mosaic", "triton"):
+        return True, value, False
     if value == "interpret":
-        return True, "triton", True
+        return True, "auto", True
     if value not in ("0", "1", "off", "on", "false", "true"):
         raise ValueError(
             f"environment variable JQTZ_PALLAS={value!r}: expected 0 (Pallas kernels off), 1 "
-            "(on, the default: Pallas Triton), mosaic (on, Mosaic GPU where a kernel has a "
-            "Mosaic GPU path) or interpret (on, chosen as on an H100 and run in the Pallas "
-            "interpreter on any machine); also accepted: off/on, false/true"
+            "(on, the default: each kernel's faster lowering), triton or mosaic (on, that "
+            "lowering wherever a kernel has it) or interpret (on, chosen as on an H100 and run "
+            "in the Pallas interpreter on any machine); also accepted: off/on, false/true"
         )
-    return value in ("1", "on", "true"), "triton", False
+    return value in ("1", "on", "true"), "auto", False
 
 
 @dataclasses.dataclass(frozen=True)
 class _PallasSetting:
     enabled: bool
-    lowering: str = "triton"
+    lowering: str = "auto"
     interpret: bool = False
 
 
@@ -117,8 +117,8 @@ def pallas_kernels_enabled() -> bool:
 
 
 def pallas_lowering() -> str:
-    """The Pallas GPU lowering jqtz's kernels prefer: ``"triton"`` (the default) or
-    ``"mosaic"`` (see :func:`use_pallas_kernels`)."""
+    """The Pallas GPU lowering jqtz's kernels prefer: ``"auto"`` (the default: each kernel's
+    faster one), ``"triton"`` or ``"mosaic"`` (see :func:`use_pallas_kernels`)."""
     return _PALLAS[-1].lowering
 
 
@@ -132,7 +132,7 @@ def kernel_target(backend=None, compute_capability=None) -> tuple[str, tuple | N
 
 
 @contextlib.contextmanager
-def use_pallas_kernels(enabled: bool = True, *, lowering: str = "triton", interpret: bool = False):
+def use_pallas_kernels(enabled: bool = True, *, lowering: str = "auto", interpret: bool = False):
     """Turn jqtz's Pallas GPU kernels on or off inside the block (they are on by default;
     `JQTZ_PALLAS=0` in the environment turns them off for the whole process; `mosaic` and
     `interpret` there set the options below).
@@ -142,11 +142,14 @@ def use_pallas_kernels(enabled: bool = True, *, lowering: str = "triton", interp
     traced, so entering and leaving the block clears JAX's caches of traced and compiled
     functions (`jax.clear_caches()`): jitted functions are traced again for the new setting.
 
-    `lowering="mosaic"` (or `JQTZ_PALLAS=mosaic`) runs the Mosaic GPU version of a kernel where
-    it has one for the operands on a Hopper GPU: W4A16 products with more than 16 rows, and
-    decode attention over int8/fp8 caches with one scale per token (docs/kernels.md). Everything
-    else keeps the Triton kernel (deprecated in jax 0.11, the default until an H100 run shows
-    which lowering is faster).
+    `lowering` picks between a kernel's two Pallas lowerings on a Hopper GPU (docs/kernels.md):
+    - `"auto"` (the default): the one measured faster on an H100 (docs/benchmarks.md): Mosaic
+      GPU for W8A8 products from `pallas_kernels.w8a8.K_MAJOR_ROWS` rows (per-channel or
+      per-tensor scales), Pallas Triton (deprecated in jax 0.11) for everything else;
+    - `"mosaic"` (or `JQTZ_PALLAS=mosaic`): Mosaic GPU wherever a kernel has it for the
+      operands: W8A8 as above, W4A16 products with more than 16 rows, and decode attention
+      over int8/fp8 caches with one scale per token;
+    - `"triton"` (or `JQTZ_PALLAS=triton`): Pallas Triton everywhere.
 
     `interpret=True` chooses the kernels as on an H100 and runs them in the Pallas interpreter
     on any machine, a CPU included: to check a model's kernel path where no GPU is. It is slow
@@ -184,8 +187,8 @@ def use_pallas_kernels(enabled: bool = True, *, lowering: str = "triton", interp
 
 def matmul_path(x, w, *, backend=None, compute_capability=None) -> str:
     """Which path `dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))` takes: the name of the
-    Pallas kernel (`"w4a16"`, `"w8a8"`; `"w4a16-mosaic"` for its Mosaic GPU version under
-    `use_pallas_kernels(lowering="mosaic")`) or `"xla"`. `backend` and `compute_capability`
+    Pallas kernel (`"w4a16"`, `"w8a8"`; `"w4a16-mosaic"`, `"w8a8-mosaic"` for their Mosaic GPU
+    versions: `use_pallas_kernels`) or `"xla"`. `backend` and `compute_capability`
     default to the current device's (pass them to ask about a GPU from a CPU machine)."""
     backend, compute_capability, _ = kernel_target(backend, compute_capability)
     if backend != "gpu" or not pallas_kernels_enabled() or not isinstance(w, QArray):

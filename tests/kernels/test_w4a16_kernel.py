@@ -131,11 +131,11 @@ def test_split_k_and_f16_activations():
 # name: (M, K, N, group, symmetric, scale dtype, activation dtype, MosaicConfig)
 MOSAIC_CASES = {
     "g128_sym_m70": (70, 256, 256, 128, True, "float32", jnp.bfloat16,
-                     w4a16.MosaicConfig(tile_n=64, max_concurrent_steps=2)),
+                     w4a16.MosaicConfig(tile_n=128, max_concurrent_steps=2)),
     "g64_asym_ragged_k320_n136": (64, 320, 136, 64, False, "bfloat16", jnp.bfloat16,
                                   w4a16.MosaicConfig(tile_n=128, max_concurrent_steps=3)),
     "channel_m130_f16": (130, 256, 128, None, True, "float16", jnp.float16,
-                         w4a16.MosaicConfig(tile_m=128, tile_n=64, grid_tile_width=2)),
+                         w4a16.MosaicConfig(grid_tile_width=2)),
     "g128_partial_group_k300_m1": (1, 300, 128, 128, False, "float32", jnp.bfloat16,
                                    w4a16.MosaicConfig()),
 }  # fmt: skip
@@ -159,7 +159,7 @@ def test_mosaic_persistent_blocks_cover_every_tile(monkeypatch):
     monkeypatch.setattr(common, "num_sms", lambda: 3)
     pw = w4a16.prepare(_qweight(256, 256, "int4", 64, False))
     x = jax.random.normal(jax.random.key(1), (128, 256), jnp.bfloat16)
-    cfg = w4a16.MosaicConfig(tile_n=32, max_concurrent_steps=2)  # 2 x 8 tiles on 3 blocks
+    cfg = w4a16.MosaicConfig(max_concurrent_steps=2)  # 2 x 2 tiles on 3 blocks
     y = w4a16.matmul(x, pw, config=cfg, out_dtype=jnp.float32, interpret=True)
     assert _rel(y, w4a16.reference(x, pw)) < 8e-3
 
@@ -179,7 +179,7 @@ def test_mosaic_rejects_weights_it_does_not_cover():
         with pytest.raises(ValueError, match="TuningConfig"):
             w4a16.matmul(x, w4a16.prepare(qw), config=cfg, interpret=True)
     for bad in (dict(tile_m=32), dict(tile_n=264), dict(tile_m=128, tile_n=256),
-                dict(max_concurrent_steps=1)):  # fmt: skip
+                dict(max_concurrent_steps=1), dict(tile_n=64), dict(tile_m=128)):  # fmt: skip
         with pytest.raises(ValueError, match="MosaicConfig"):
             w4a16.MosaicConfig(**bad)
 

@@ -309,18 +309,37 @@ def test_every_served_w8a8_layout_lowers_for_cuda(name):
 @pytest.mark.parametrize("name", ["smoothquant", "fp8-per-token", "fp8-block128"])
 def test_dispatch_gives_large_m_the_k_major_weight(name):
     """From `K_MAJOR_ROWS` rows the kernel reads the transposed codes `[N, K]` (8-bit `wgmma`
-    reads B K-major only), with the same result as XLA's path; below, `[K, N]` in place."""
+    reads B K-major only), through Mosaic GPU where the weight has one scale along K (the
+    default lowering, "auto") and Triton for block scales or under `lowering="triton"`, with
+    the same result as XLA's path; below, Triton reads `[K, N]` in place."""
     qw = _w8a8_qarray(W8A8_SPECS[name][0])
-    rows = w8a8.K_MAJOR_ROWS
+    rows, block = w8a8.K_MAJOR_ROWS, name == "fp8-block128"
+    assert dispatch.kernel_for(jnp.ones((rows, 256)), qw, **H100) == (
+        "w8a8" if block else "w8a8-mosaic"
+    )
+    assert dispatch.kernel_for(jnp.ones((rows, 256)), qw, lowering="triton", **H100) == "w8a8"
+    assert dispatch.kernel_for(jnp.ones((rows - 1, 256)), qw, **H100) == "w8a8"
     x = jax.random.normal(jax.random.key(2), (rows, 256), jnp.bfloat16)
-    y = dispatch.maybe_matmul(x, qw, interpret=True, **H100)
-    assert _rel(y, jqtz.nn.dot_general(x, qw, (((1,), (0,)), ((), ())))) < 1e-5
+    xla = jqtz.nn.dot_general(x, qw, (((1,), (0,)), ((), ())))
+    for lowering in ("auto", "triton"):
+        y = dispatch.maybe_matmul(x, qw, lowering=lowering, interpret=True, **H100)
+        assert _rel(y, xla) < 1e-5, lowering
     code = "i8" if name == "smoothquant" else "f8E4M3FN"
-    for m, k_major in ((rows, True), (rows - 1, False)):
+    for m, lowering, k_major in ((rows, "triton", True), (rows - 1, "auto", False)):
         xs = jax.ShapeDtypeStruct((m, 256), jnp.bfloat16)
-        text = common.lower_for_cuda(lambda x, w: dispatch.maybe_matmul(x, w, **H100), xs, qw)
-        call = next(ln for ln in text.splitlines() if common.TRITON_CUSTOM_CALL in ln)
+        fn = lambda x, w, lowering=lowering: dispatch.maybe_matmul(x, w, lowering=lowering, **H100)
+        call = next(
+            ln for ln in common.lower_for_cuda(fn, xs, qw).splitlines()
+            if common.TRITON_CUSTOM_CALL in ln
+        )  # fmt: skip
         assert (f"tensor<192x256x{code}>" in call) == k_major, call[:300]
+    if not block:  # the default at `rows`: one Mosaic GPU launch, no dequantized weight
+        text = common.lower_for_cuda(
+            lambda x, w: dispatch.maybe_matmul(x, w, **H100),
+            jax.ShapeDtypeStruct((rows, 256), jnp.bfloat16), qw,
+        )  # fmt: skip
+        assert text.count(common.MOSAIC_GPU_CUSTOM_CALL) == 1
+        assert common.TRITON_CUSTOM_CALL not in text and "tensor<256x192xf32>" not in text
 
 
 def test_block_scaled_dispatch_needs_whole_blocks_along_k():

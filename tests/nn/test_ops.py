@@ -235,7 +235,7 @@ def test_mosaic_lowering_is_chosen_where_a_mosaic_path_exists():
     int4 = QuantizedKVCache.init(KVQuantSpec(kind="int4"), batch=1, max_len=64, n_kv_heads=2,
                                  head_dim=64)  # fmt: skip
     q1 = jnp.ones((1, 1, 8, 64), jnp.bfloat16)
-    assert jqtz.nn.pallas_lowering() == "triton"
+    assert jqtz.nn.pallas_lowering() == "auto"
     assert jqtz.nn.matmul_path(x64, wk, **h100) == "w4a16"
     with jqtz.nn.use_pallas_kernels(lowering="mosaic"):
         assert jqtz.nn.pallas_lowering() == "mosaic"
@@ -254,10 +254,10 @@ def test_mosaic_lowering_is_chosen_where_a_mosaic_path_exists():
 
 @pytest.mark.parametrize(
     "value,enabled,lowering,interpret",
-    [("0", False, "triton", False), ("off", False, "triton", False),
-     ("False", False, "triton", False), ("1", True, "triton", False),
-     (" on ", True, "triton", False), ("Mosaic", True, "mosaic", False),
-     ("interpret", True, "triton", True)],
+    [("0", False, "auto", False), ("off", False, "auto", False),
+     ("False", False, "auto", False), ("1", True, "auto", False),
+     (" on ", True, "auto", False), ("Mosaic", True, "mosaic", False),
+     ("triton", True, "triton", False), ("interpret", True, "auto", True)],
 )  # fmt: skip
 def test_jqtz_pallas_environment_variable(value, enabled, lowering, interpret, monkeypatch):
     from jqtz.nn import ops
