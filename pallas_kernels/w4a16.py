@@ -75,6 +75,8 @@ _ACT_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 _SCALE_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 #: Largest M that takes the decode (split-K, 16-row tile) path.
 SMALL_M = 16
+#: Most rows `TuningConfig(tensor_cores=False)` takes (one CUDA-core pass over the codes each).
+MAX_FMA_ROWS = 4
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -92,6 +94,10 @@ class TuningConfig:
         `(B + zero) * sum(x)` is subtracted once per group and column, instead of converting
         each code to float and subtracting its zero point (fewer instructions per weight).
         Other codes ignore it.
+      tensor_cores: False multiplies on the CUDA cores instead, for decode with at most
+        `MAX_FMA_ROWS` rows: each live row of `x` times the step's codes (converted to float32,
+        zero points subtracted after the sum), summed over the step's K rows; no 16-row tile
+        and no layout change of the weight through shared memory.
     """
 
     block_m: int = 16
@@ -100,6 +106,7 @@ class TuningConfig:
     num_warps: int = 4
     num_stages: int = 3
     fold_zero: bool = False
+    tensor_cores: bool = True
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -354,6 +361,7 @@ def _kernel(
     num_groups,
     groups_per_split,
     fold_zero,
+    tensor_cores,
 ):
     zero_ref = rest[0] if len(rest) == 2 else None
     o_ref = rest[-1]
@@ -421,10 +429,26 @@ def _kernel(
             if signed:
                 parts = tuple(f ^ half for f in parts)
         out = []
-        if fold:
+        if not tensor_cores:  # the live rows of x as (kg, 1) float32 columns, and their sums
+            k_live = None if not k % kg else gi * kg + iota((kg,), 0) < k
+            xcols = [
+                _load(x_ref.at[jnp.int32(r), step], k_live).astype(jnp.float32)[:, None]
+                for r in range(m)
+            ]
+            xsums = [jnp.sum(xc, axis=0, keepdims=True) for xc in xcols]  # (1, 1)
+            row = iota((bm, 1), 0)
+        elif fold:
             xsum = jnp.sum(xg.astype(jnp.float32), axis=1, keepdims=True)  # (bm, 1)
         for acc, codes, c in zip(accs, parts, cols, strict=True):
-            if fold:  # x @ (base + code) - (base + zero) * sum(x)
+            if not tensor_cores:  # per row: sum_k x[k] * code[k, :], then - sum(x) * offset
+                w = _lookup(codes, levels) if levels is not None else codes.astype(jnp.float32)
+                shifted = levels is None and (zero_ref is not None or bits < 8)
+                off = offset(srow, c) if shifted else None
+                p = jnp.zeros((bm, wn), jnp.float32)
+                for r, (xc, xs) in enumerate(zip(xcols, xsums, strict=True)):
+                    pr = jnp.sum(xc * w, axis=0, keepdims=True)  # (1, wn)
+                    p = jnp.where(row == r, pr if off is None else pr - xs * off, p)
+            elif fold:  # x @ (base + code) - (base + zero) * sum(x)
                 w16 = jax.lax.bitcast_convert_type(codes.astype(jnp.uint16) | magic, act_dtype)
                 p = jnp.dot(xg, w16, preferred_element_type=jnp.float32)
                 p = p - xsum * (base + offset(srow, c))
@@ -477,6 +501,11 @@ def matmul(
         common.require_hopper_for_mosaic(interpret)
         y = _mosaic_matmul(x2, w, cfg, out_dtype, interpret)
         return y.reshape(*lead, w.n)
+    if not cfg.tensor_cores and (m > MAX_FMA_ROWS or cfg.block_m < m):
+        raise ValueError(
+            f"TuningConfig(tensor_cores=False) takes at most {MAX_FMA_ROWS} rows of `x` (one "
+            f"CUDA-core pass each), got {m}; use tensor_cores=True"
+        )
     if cfg.block_n < min_block_n(w.bits):
         raise ValueError(
             f"TuningConfig.block_n={cfg.block_n} is too narrow for {w.bits}-bit codes: each of a "
@@ -537,6 +566,7 @@ def matmul(
             num_groups=w.num_groups,
             groups_per_split=per_split,
             fold_zero=cfg.fold_zero,
+            tensor_cores=cfg.tensor_cores,
         ),
         grid=grid,
         in_specs=in_specs,
@@ -744,8 +774,10 @@ def tune_candidates(m: int, n: int, num_groups: int, *, bits: int = 4) -> list:
     block_n, split-K and launch parameters around the default for decode; for larger M, Triton
     block sizes and launch parameters alternating with `MOSAIC_TUNE_CANDIDATES` (4-bit only),
     so that a sweep cut short by its time budget has tried both lowerings. Every Triton
-    config comes with `fold_zero` on and off (on first: the newer way)."""
+    config comes with `fold_zero` on and off (on first: the newer way); up to `MAX_FMA_ROWS`
+    rows, the CUDA-core configs (`tensor_cores=False`) come first."""
     out = [default_config(m, n, num_groups, bits=bits)]
+    fma = []
     if m <= SMALL_M:
         triton = []
         for bn in (64, 128, 256):
@@ -754,6 +786,8 @@ def tune_candidates(m: int, n: int, num_groups: int, *, bits: int = 4) -> list:
                 for warps, stages in ((4, 4), (8, 3), (4, 3)):
                     triton.append(TuningConfig(block_m=16, block_n=bn, split_k=split,
                                                num_warps=warps, num_stages=stages))  # fmt: skip
+        if m <= MAX_FMA_ROWS:
+            fma = [dataclasses.replace(c, tensor_cores=False) for c in triton]
         mosaic = []
     else:
         triton = [
@@ -763,7 +797,7 @@ def tune_candidates(m: int, n: int, num_groups: int, *, bits: int = 4) -> list:
             for warps, stages in ((4, 3), (8, 3))
         ]
         mosaic = list(MOSAIC_TUNE_CANDIDATES) if bits == 4 else []
-    triton = [dataclasses.replace(c, fold_zero=f) for c in triton for f in (True, False)]
+    triton = fma + [dataclasses.replace(c, fold_zero=f) for c in triton for f in (True, False)]
     while triton or mosaic:
         out += [c.pop(0) for c in (triton, mosaic) if c]
 

@@ -99,6 +99,25 @@ def test_fold_zero_matches_reference(name, act):
     assert _rel(y, w4a16.reference(x, pw)) < bound
 
 
+@pytest.mark.parametrize("act", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c[0] <= w4a16.MAX_FMA_ROWS])
+def test_cuda_core_path_matches_reference(name, act):
+    """`tensor_cores=False` (decode on the CUDA cores): float32 products of each live row
+    with the codes, the zero points subtracted after each step's sum, so every format
+    (NF4's levels too, unrounded) matches the float32 reference to summation order."""
+    m, k, n, fmt, group, sym, extra = CASES[name]
+    qw = _qweight(k, n, fmt, group, sym, seed=len(name), **extra)
+    x = jax.random.normal(jax.random.key(m + 3), (m, k), act)
+    pw = w4a16.prepare(qw)
+    for cfg in (w4a16.TuningConfig(block_n=128, split_k=3, tensor_cores=False),
+                w4a16.TuningConfig(block_n=256, tensor_cores=False)):  # fmt: skip
+        y = w4a16.matmul(x, pw, config=cfg, interpret=True)
+        assert _rel(y, w4a16.reference(x, pw)) < 1e-5, cfg
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        x5 = jnp.ones((w4a16.MAX_FMA_ROWS + 1, k), act)
+        w4a16.matmul(x5, pw, config=w4a16.TuningConfig(tensor_cores=False), interpret=True)
+
+
 def test_bf16_output_and_batch_dims():
     qw = _qweight(256, 128, "int4", 64, False)
     x = jax.random.normal(jax.random.key(3), (2, 3, 256), jnp.bfloat16)
@@ -271,6 +290,10 @@ def test_lowers_for_cuda(name):
     text = common.lower_for_cuda(functools.partial(w4a16.matmul, out_dtype=jnp.bfloat16), x, pw)
     assert common.TRITON_CUSTOM_CALL in text
     assert "mosaic_gpu" not in text
+    if m <= w4a16.MAX_FMA_ROWS:  # and the CUDA-core decode path
+        cfg = w4a16.TuningConfig(block_n=128, split_k=2, tensor_cores=False)
+        fn = functools.partial(w4a16.matmul, config=cfg, out_dtype=jnp.bfloat16)
+        assert common.lower_for_cuda(fn, x, pw).count(common.TRITON_CUSTOM_CALL) == 1
 
 
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "zero_points"])
