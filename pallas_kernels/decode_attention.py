@@ -163,7 +163,8 @@ class Pages:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TuningConfig:
-    """Launch parameters (static under jit); frozen H100 guesses until a GPU run tunes them.
+    """Launch parameters (static under jit). The defaults were the fastest or within timing
+    noise of it in an H100 sweep at 16k tokens (docs/benchmarks.md, 2026-11-23).
 
     Attributes:
       num_splits: programs per (sequence, KV head) along the sequence; None: enough to give

@@ -112,7 +112,9 @@ class MosaicConfig:
 
 
 def default_config(m: int) -> TuningConfig:
-    """H100 defaults (frozen until a GPU run tunes them): 16-row tiles for decode."""
+    """Triton defaults: 16-row tiles for decode. From `K_MAJOR_ROWS` rows the serving path
+    runs `MosaicConfig()` on a Hopper GPU instead; this default (on the K-major weight) was
+    Triton's fastest there on an H100 (docs/benchmarks.md)."""
     if m <= 16:
         return TuningConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
     if m <= 64:
