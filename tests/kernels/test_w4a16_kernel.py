@@ -308,6 +308,21 @@ def test_decode_touches_only_the_real_rows(sym):
     assert "tensor<4x2x1x512xf32>" in text  # (splits, even/odd planes, M, N / 2)
 
 
+def test_larger_m_splits_k_while_tiles_are_few():
+    """Above 16 rows K is split too while there are fewer than two output tiles per SM (a
+    64-row product over 8192 columns has 64 tiles for 132 SMs); a prefill's rows fill the GPU
+    alone. The split-K planes hold all 64 rows and add up to the reference."""
+    cfg = w4a16.default_config(64, 8192, 64)
+    assert (cfg.block_m, cfg.block_n, cfg.split_k, cfg.fold_zero) == (64, 128, 5, True)
+    assert w4a16.default_config(4096, 8192, 64).split_k == 1
+    pw = w4a16.prepare(_qweight(512, 256, "int4", 64, False))
+    x = jax.random.normal(jax.random.key(7), (64, 512), jnp.bfloat16)
+    cfg = w4a16.default_config(64, 256, pw.num_groups)
+    assert cfg.split_k == pw.num_groups  # 2 tiles: one split per group
+    y = w4a16.matmul(x, pw, interpret=True)
+    assert _rel(y, w4a16.reference(x, pw)) < 3e-5
+
+
 def test_ragged_weights_are_read_in_place():
     """SmolLM2-135M's k/v projection (K = 576 = 4.5 groups of 128, N = 192): the codes are read
     where they lie, with masked loads past K and N; only the small scale and zero-point arrays
