@@ -1,7 +1,12 @@
-"""All kernel benchmarks in one run, for one call on a lent GPU: check, time, tune, summarise.
+"""All kernel benchmarks in one run on a GPU: check, time, tune, summarise.
 
-    python -m pallas_kernels.bench --tune --out DIR      # on a GPU (budgeted for one 10-min call)
+    python -m pallas_kernels.bench --out DIR             # on a GPU: the defaults (one 10-min call)
+    python -m pallas_kernels.bench --only w4a16 --first-shape --no-checks --tune --budget-s 200
+                                                         # a tuning call for one kernel
     python -m pallas_kernels.bench --smoke --tune        # anywhere: tiny shapes, interpreter
+
+On an H100 (2026-11-23) the whole suite without tuning took more than 280 s, so a tuning sweep
+belongs in a call of its own (`--first-shape` keeps the untuned remainder short).
 
 For each kernel (`w4a16`, `w8a8`, `decode_attention`) it measures the roofline of this run
 (device-to-device copy rate; bf16 XLA product rate), checks every timed config's output against
