@@ -95,7 +95,7 @@ def kernel_for(
 
     `lowering` (`jqtz.nn.use_pallas_kernels`): "auto" takes the lowering measured faster on an
     H100: Mosaic GPU for W8A8 products of at least `w8a8.K_MAJOR_ROWS` rows with one weight
-    scale along K (1.9x Triton's int8 and 2.6x its fp8 at 4096 x 8192 x 8192, docs/
+    scale along K (1.9x Triton's int8 and 2.4x its fp8 at 4096 x 8192 x 8192, docs/
     benchmarks.md), Triton elsewhere; "mosaic" also takes Mosaic GPU for W4A16 above 16 rows;
     "triton" never takes Mosaic GPU."""
     backend = backend or jax.default_backend()

@@ -21,7 +21,7 @@ Two lowerings, chosen by the config's type:
   scales only.
 
 The serving path (`dispatch`) runs Mosaic GPU from `K_MAJOR_ROWS` rows where it applies, on a
-Hopper GPU: on an H100 it ran int8 1.9x and fp8 2.6x faster than Triton at 4096 x 8192 x 8192
+Hopper GPU: on an H100 it ran int8 1.9x and fp8 2.4x faster than Triton at 4096 x 8192 x 8192
 (docs/benchmarks.md). Triton serves the rest (1x128 block scales, fewer rows, other GPUs).
 
 Example:
@@ -305,10 +305,11 @@ def matmul(
 
 #: Rows of `x` from which the serving path (`pallas_kernels.dispatch`) gives the kernel the
 #: K-major weight. 8-bit `wgmma` reads B K-major only: on an H100 (2026-11-23, docs/benchmarks.md)
-#: Triton's int8 product at M = 1024..4096 ran 4 to 5x faster on `[N, K]` than on `[K, N]` codes
-#: (fp8 1.2x). Until jqtz stores W8A8 weights K-major at load time, the serving path transposes
-#: per call (2x the weight's bytes, a few percent of a product this large); below this many rows
-#: the product is memory-bound and reads `[K, N]` in place.
+#: Triton's int8 product at M = 1024..4096 ran 3.4 to 5.3x faster on `[N, K]` than on `[K, N]`
+#: codes (fp8 1.2 to 1.4x). Until jqtz stores W8A8 weights K-major at load time, the serving
+#: path transposes per call (2x the weight's bytes; with the activations' quantization, 137 of
+#: the 576 us of a served int8 product at 4096 x 8192 x 8192); below this many rows the product
+#: is memory-bound and reads `[K, N]` in place.
 K_MAJOR_ROWS = 128
 
 
