@@ -62,6 +62,17 @@ def main(argv=None) -> int:
         help="comma-separated cases to leave out, as WEIGHTS/CACHE/KERNELS (e.g. bf16/int8/mosaic)",
     )
     args = ap.parse_args(argv)
+    # Each quantized case where a kernel could apply: Pallas kernels on ("on": the default
+    # lowering, "auto"), off (the XLA path on the same weights and cache: what the kernels must
+    # beat), and for the int8 cache with the Mosaic GPU lowering preferred ("mosaic": its
+    # decode attention on a Hopper GPU; the batch-1 products stay on Triton's GEMV).
+    cases = [("bf16", "bf16", "on"), ("w4a16", "bf16", "on"), ("w4a16", "bf16", "off")]
+    cases += [("w4a16-zp", "bf16", "on")]
+    cases += [(w, "int8", k) for w in ("bf16", "w4a16") for k in ("on", "mosaic", "off")]
+    skip = {tuple(c.split("/")) for c in args.skip.split(",") if c}
+    if skip - set(cases):
+        known = ", ".join("/".join(c) for c in cases)
+        ap.error(f"--skip: unknown case(s) {sorted(skip - set(cases))}; cases: {known}")
     cfg = config(args.tiny, args.prompt + args.new)
     model = Llama(cfg)
     prompt = jax.random.randint(jax.random.key(0), (args.batch, args.prompt), 0, cfg.vocab_size)
@@ -79,17 +90,6 @@ def main(argv=None) -> int:
     }
     print(common.bench_header(f"batch {args.batch}, prompt {args.prompt}, new {args.new}"))
     print(f"{'weights':>8} {'cache':>6} {'kernels':>7} {'weight MiB':>11} {'tokens/s':>9}  paths")
-    # Each quantized case where a kernel could apply: Pallas kernels on ("on": the default
-    # lowering, "auto"), off (the
-    # XLA path on the same weights and cache: what the kernels must beat), and for the int8
-    # cache with the Mosaic GPU lowering preferred ("mosaic": its decode attention on a Hopper
-    # GPU; the batch-1 products stay on Triton's GEMV).
-    cases = [("bf16", "bf16", "on"), ("w4a16", "bf16", "on"), ("w4a16", "bf16", "off")]
-    cases += [("w4a16-zp", "bf16", "on")]
-    cases += [(w, "int8", k) for w in ("bf16", "w4a16") for k in ("on", "mosaic", "off")]
-    skip = {tuple(c.split("/")) for c in args.skip.split(",") if c}
-    if skip - set(cases):
-        ap.error(f"--skip: unknown case(s) {sorted(skip - set(cases))}; cases: {cases}")
     failed = 0
     for name, cache, kernels in (c for c in cases if c not in skip):
         p = weights[name]

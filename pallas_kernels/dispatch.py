@@ -114,7 +114,8 @@ def kernel_for(
         probe = jax.ShapeDtypeStruct(x.shape, _W8A8_CODES[w.format.name])
         if w8a8.can_use(probe, w.qvalue, **kw):
             mosaic = lowering != "triton" and mode == "channel" and common.is_hopper(**kw)
-            return "w8a8-mosaic" if mosaic and rows >= w8a8.K_MAJOR_ROWS else "w8a8"
+            config = w8a8.serving_config(rows, mosaic=mosaic)
+            return "w8a8-mosaic" if isinstance(config, w8a8.MosaicConfig) else "w8a8"
     return None
 
 
@@ -154,9 +155,10 @@ def maybe_matmul(
     out_dtype = jnp.result_type(x.dtype, w.dtype)
     if name in ("w8a8", "w8a8-mosaic"):
         xq, sx, wq, sw = _w8a8_operands(x.reshape(-1, x.shape[-1]), w)
-        k_major = xq.shape[0] >= w8a8.K_MAJOR_ROWS  # transposed per call (see K_MAJOR_ROWS)
+        m = xq.shape[0]
+        config = w8a8.serving_config(m, mosaic=name == "w8a8-mosaic")
+        k_major = w8a8.reads_k_major(m, config)  # transposed per call (see K_MAJOR_ROWS)
         wq = w8a8.to_k_major(wq) if k_major else wq
-        config = w8a8.MosaicConfig() if name == "w8a8-mosaic" else None
         y = w8a8.matmul(xq, sx, wq, sw, config=config, out_dtype=out_dtype, interpret=interpret,
                         w_k_major=k_major)  # fmt: skip
         return y.reshape(*x.shape[:-1], w.shape[1])

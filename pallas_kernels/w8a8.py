@@ -313,6 +313,18 @@ def matmul(
 K_MAJOR_ROWS = 128
 
 
+def serving_config(m: int, *, mosaic: bool) -> TuningConfig | MosaicConfig:
+    """The config the serving path (`dispatch`) runs for `m` rows: `MosaicConfig()` from
+    `K_MAJOR_ROWS` rows where `mosaic` (a Hopper GPU, a lowering other than "triton", one
+    scale block along K), else `default_config(m)`."""
+    return MosaicConfig() if mosaic and m >= K_MAJOR_ROWS else default_config(m)
+
+
+def reads_k_major(m: int, config: TuningConfig | MosaicConfig) -> bool:
+    """Whether the served product of `m` rows with `config` takes the `[N, K]` codes."""
+    return isinstance(config, MosaicConfig) or m >= K_MAJOR_ROWS
+
+
 def to_k_major(wq: jax.Array) -> jax.Array:
     """The `[N, K]` copy of weight codes `wq [K, N]` that a `MosaicConfig` reads (and Triton
     reads faster: `K_MAJOR_ROWS`).
@@ -508,11 +520,6 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), first_o
            f"{'rel err':>8}  "
            "best config")  # fmt: skip
     hopper = common.is_hopper()
-
-    def served_cfg(m, block):  # what `dispatch` runs by default (lowering "auto")
-        mosaic = hopper and block is None and m >= K_MAJOR_ROWS
-        return MosaicConfig() if mosaic else default_config(m)
-
     cases = [("int8", jnp.int8, None), ("fp8", jnp.float8_e4m3fn, None)]
     cases.append(("fp8-b128", jnp.float8_e4m3fn, 128))
     rows, winners = [], {}
@@ -539,14 +546,12 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), first_o
                 sets_t = [(*xqs[i], *ws_t[i % len(ws_t)]) for i in range(calls)]
                 ref = reference(*sets[0], out_dtype=jnp.float32)
 
-                def k_major(cfg, m=m):
-                    return isinstance(cfg, MosaicConfig) or m >= K_MAJOR_ROWS
-
-                def measure(cfg, sets=sets, sets_t=sets_t, ref=ref):
+                def measure(cfg, sets=sets, sets_t=sets_t, ref=ref, m=m):
+                    k_major = reads_k_major(m, cfg)
                     fn = functools.partial(
-                        matmul, config=cfg, interpret=interpret, w_k_major=k_major(cfg)
+                        matmul, config=cfg, interpret=interpret, w_k_major=k_major
                     )
-                    args = sets_t if k_major(cfg) else sets
+                    args = sets_t if k_major else sets
                     err = common.relative_error(fn(*args[0]), ref)
                     return common.time_per_call(fn, args, iters=iters), err
 
@@ -556,20 +561,21 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), first_o
                     if (si, m) != (0, ms[0]):
                         cands = winners.get(name, cands)
                 t_base, best, tried = common.best_config(
-                    report, f"{name} M={m} N={n} K={k}", served_cfg(m, block), cands, measure,
+                    report, f"{name} M={m} N={n} K={k}",
+                    serving_config(m, mosaic=hopper and block is None), cands, measure,
                     deadline=deadline,
                 )  # fmt: skip
                 if (si, m) == (0, ms[0]):
                     winners[name] = [c for _, c, _ in tried[:3]]
                 t, cfg, err = best
 
-                def served(x, wq, sw, cfg=cfg, block=block, dtype=dtype):
+                def served(x, wq, sw, cfg=cfg, block=block, dtype=dtype, m=m):
                     """As `dispatch` serves it: XLA quantizes `x` (and transposes the weight)."""
-                    if k_major(cfg):
-                        wq = to_k_major(wq)
+                    k_major = reads_k_major(m, cfg)
+                    wq = to_k_major(wq) if k_major else wq
                     xq, sx = quantize_rows(x, dtype, block)
                     return matmul(xq, sx, wq, sw, config=cfg, interpret=interpret,
-                                  w_k_major=k_major(cfg))  # fmt: skip
+                                  w_k_major=k_major)  # fmt: skip
 
                 t_q = common.time_per_call(
                     served, [(x[i], *ws[i % len(ws)]) for i in range(calls)], iters=iters
@@ -579,7 +585,7 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), first_o
                                  default_us=t_base * 1e6, baseline_us=t_bf16 * 1e6,
                                  speedup=t_bf16 / t, roofline=flops / rate, rel_err=err,
                                  config=cfg, served_us=t_q * 1e6,
-                                 k_major=k_major(cfg)))  # fmt: skip
+                                 k_major=reads_k_major(m, cfg)))  # fmt: skip
                 report(f"{name:>9} {m:5d} {n:6d} {k:6d} {t_base * 1e6:10.1f} {t * 1e6:8.1f} "
                        f"{t_bf16 * 1e6:8.1f} {t_bf16 / t:7.2f} {flops / 1e12:7.0f} "
                        f"{flops / rate:7.2f} {t_q * 1e6:8.1f} {err:8.1e}  {cfg}")  # fmt: skip

@@ -226,6 +226,26 @@ def test_end_to_end_decode_bench_smoke(capsys):
     assert all(not float(r[4]) <= 0 for r in rows)  # a rate, or nan when too fast to time
 
 
+def test_end_to_end_decode_bench_skips_cases_and_refuses_unknown_ones(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit):
+        module.main(["--tiny", "--skip", "w4a16/int4/on"])
+    assert "--skip: unknown case(s) [('w4a16', 'int4', 'on')]" in capsys.readouterr().err
+    others = ["bf16/bf16/on", "w4a16/bf16/off", "w4a16-zp/bf16/on"]
+    others += [f"{w}/int8/{k}" for w in ("bf16", "w4a16") for k in ("on", "mosaic", "off")]
+    argv = ["--tiny", "--new", "4", "--prompt", "8", "--skip", ",".join(others)]
+    assert module.main(argv) == 0  # only w4a16/bf16/on is left
+    rows = [line.split()[:3] for line in capsys.readouterr().out.splitlines()
+            if "quantized products" in line]  # fmt: skip
+    assert rows == [["w4a16", "bf16", "on"]]
+
+
 def test_end_to_end_decode_bench_keeps_the_other_cases_when_one_fails(capsys, monkeypatch):
     import importlib.util
     import pathlib
