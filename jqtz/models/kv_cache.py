@@ -162,8 +162,9 @@ def streamed_attention(q, k, v, q_pos, k_pos, *, length=None, score_budget=None)
         q, k, v: as `dot_product_attention`.
         q_pos: positions of the queries, ``(T,)`` or ``(B, T)``.
         k_pos: positions of the keys, ``(S,)`` or ``(B, S)``.
-        length: None: every key block is visited (any positions; static loops, which reverse-mode
-            AD goes through). Or the filled positions of a cache whose keys sit at their
+        length: None: any positions; static loops (which reverse-mode AD goes through) over
+            every key block, skipping, by a `lax.cond`, the blocks that no query of the chunk
+            sees (about half of a causal forward's). Or the filled positions of a cache whose keys sit at their
             positions (``k_pos = arange(S)``) and whose queries are the last ``T`` of them: each
             query chunk then visits only the blocks up to its last query (a while loop when
             ``length`` is traced).
@@ -208,10 +209,17 @@ def streamed_attention(q, k, v, q_pos, k_pos, *, length=None, score_budget=None)
         qp = jax.lax.dynamic_slice_in_dim(q_pos, i * block_q, block_q, axis=-1)
 
         def step(j, carry):
+            kp = jax.lax.dynamic_slice_in_dim(k_pos, j * bk, bk, axis=-1)
+            if length is not None:  # the blocks visited are the ones the chunk sees
+                return update(j, kp, carry)
+            # Any positions: a block no query of the chunk sees (above the diagonal of a causal
+            # forward) is skipped; its update would leave the carry as it is.
+            return jax.lax.cond(kp.min() <= qp.max(), update, lambda j, kp, c: c, j, kp, carry)
+
+        def update(j, kp, carry):
             m, total, acc = carry
             kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
             vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
-            kp = jax.lax.dynamic_slice_in_dim(k_pos, j * bk, bk, axis=-1)
             sc = jnp.einsum("bqkgd,bskd->bkgqs", qc, kb, preferred_element_type=jnp.float32)
             sc = sc * d**-0.5  # (B, Hkv, G, Tq, Bk)
             seen = kp[..., None, :] <= qp[..., :, None]  # (Tq, Bk) or (B, Tq, Bk)

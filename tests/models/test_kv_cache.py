@@ -92,8 +92,9 @@ def test_long_prompt_prefill_fits_in_memory(kind):
 
 @pytest.mark.parametrize("batched", [False, True], ids=["positions_T", "positions_BT"])
 def test_streamed_attention_masks_by_position_and_differentiates(batched):
-    """No cache (a full forward): every key block is visited under the positions' mask, in
-    static loops, so training can take gradients through it."""
+    """No cache (a full forward): key blocks are visited under the positions' mask, in static
+    loops (blocks no query of a chunk sees are skipped), so training can take gradients
+    through it."""
     from jqtz.models.kv_cache import streamed_attention
 
     b, t, h, hkv = 2, 700, 4, 2
@@ -111,6 +112,28 @@ def test_streamed_attention_masks_by_position_and_differentiates(batched):
     assert _rel(streamed(q), dense(q)) < 2e-6
     g_dense, g_streamed = (jax.grad(functools.partial(loss, f))(q) for f in (dense, streamed))
     assert _rel(g_streamed, g_dense) < 1e-5
+
+
+def test_streamed_attention_skips_blocks_no_query_of_the_chunk_sees():
+    """Causal positions, 512-query chunks over 512-key blocks: the first chunk never reads the
+    second block. NaN values there (which a visited block would spread: 0 * NaN) stay out of
+    the first chunk's rows, and the rest matches the definition."""
+    from jqtz.models.kv_cache import streamed_attention
+
+    b, t, h, hkv = 1, 1024, 4, 2
+    q, k, v = _qkv(b, t, h, hkv, t, seed=6)
+    pos = jnp.arange(t)
+    poisoned = v.at[:, 512:].set(jnp.nan)
+    out = streamed_attention(q, k, poisoned, pos, pos, score_budget=1 << 20)
+    mask = jnp.broadcast_to(pos[None, :] <= pos[:, None], (b, t, t))
+    want = dot_product_attention(q, k, v, mask)
+    assert bool(jnp.isfinite(out[:, :512]).all())
+    assert _rel(out[:, :512], want[:, :512]) < 2e-6
+    # Shuffled positions: blocks are seen in part, by some chunks; the result is unchanged.
+    perm = jax.random.permutation(jax.random.key(7), t)
+    mask = jnp.broadcast_to(perm[None, :] <= perm[:, None], (b, t, t))
+    got = streamed_attention(q, k, v, perm, perm, score_budget=1 << 20)
+    assert _rel(got, dot_product_attention(q, k, v, mask)) < 2e-6
 
 
 def test_long_sequence_forward_without_a_cache_streams(monkeypatch):
