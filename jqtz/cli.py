@@ -643,13 +643,14 @@ def cmd_generate(args) -> int:
     if dtype == "auto":  # the Pallas kernels take 16-bit activations
         dtype = "bfloat16" if on_gpu else "float32"
     config = dataclasses.replace(model.config, dtype=dtype)
-    paths = decode_paths(config, model.params, **cache)
+    params = jqtz.nn.serving_layout(model.params)  # W8A8 codes as the 8-bit products read them
+    paths = decode_paths(config, params, **cache)
     products = collections.Counter(v for k, v in paths.items() if k != "attention")
     start = time.monotonic()
     with Progress("generating", enabled=not args.json), jqtz.nn.quantized_ops():
         tokens = generate(
             Llama(config),
-            model.params,
+            params,
             np.asarray([prompt], np.int32),
             args.max_new_tokens,
             temperature=args.temperature,

@@ -10,6 +10,9 @@ Invariants (checked by `QArray.validate`), for logical shape `shape` and block s
   format's container dtype. Dequantized value = (code - zero_point) * scale.
 - Leaves may carry extra *leading* dimensions beyond `shape` (a batch of QArrays, as `vmap`
   or stacked layers produce); every operation applies per batch element.
+- `transposed` (a serving layout, `with_transposed_codes`; 2-D unpacked codes only): `qvalue`
+  holds the codes of a `[K, N]` array as `[N, K]`, the layout 8-bit tensor-core products read
+  (`jqtz.nn.serving_layout`). `codes()` and `dequantize()` return the logical layout.
 
 Example:
   >>> import jax, jax.numpy as jnp, jqtz
@@ -52,6 +55,8 @@ class QArray:
       perm: int32 `[shape[0]]` or None. When set (GPTQ's act-order), the codes hold the rows
         `perm` of the logical array, in that order, so that groups along axis 0 are contiguous
         in processing order; `dequantize` puts the rows back (`g_idx[perm[j]] = j // group`).
+      transposed: the codes of this `[K, N]` array are stored `[N, K]` (static; scales, zero
+        points and `shape` keep the logical layout). See `with_transposed_codes`.
     """
 
     qvalue: jax.Array
@@ -64,6 +69,7 @@ class QArray:
     act: QuantSpec | None = None
     act_scale: jax.Array | None = None
     perm: jax.Array | None = None
+    transposed: bool = False
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -121,9 +127,10 @@ class QArray:
         scale = self.scale
         sdt = "q" + scale.format.name if isinstance(scale, QArray) else scale.dtype.name
         batch = f"batch={self.batch_shape}, " if self.batch_shape else ""
+        layout = ", transposed" if self.transposed else ""
         return (
             f"QArray({self.format.name}, shape={self.shape}, {batch}{self.granularity}, "
-            f"scale={sdt}, dtype={np.dtype(self.dtype).name})"
+            f"scale={sdt}, dtype={np.dtype(self.dtype).name}{layout})"
         )
 
     # -- behaviour -----------------------------------------------------------------------------
@@ -154,8 +161,43 @@ class QArray:
             return self
         return self.dequantize()[key]
 
+    def with_transposed_codes(self, transposed: bool = True) -> QArray:
+        """This array with its codes stored `[N, K]` (`transposed=True`) or `[K, N]`: the same
+        values, one copy of the codes (none when the layout already matches).
+
+        `[N, K]` is what the H100's 8-bit tensor-core instructions read for the weight of a
+        product (`jqtz.nn.serving_layout` applies it to a tree's W8A8 weights, once);
+        everything else reads either layout.
+
+        Raises:
+          ValueError: for a packed (sub-byte) format or a logical shape that is not 2-D.
+
+        Example:
+          >>> import jax.numpy as jnp, jqtz
+          >>> q = jqtz.quantize(jnp.ones((64, 32)), jqtz.QuantSpec(format="int8"))
+          >>> t = q.with_transposed_codes()
+          >>> t.qvalue.shape, t.shape, bool((t.dequantize() == q.dequantize()).all())
+          ((32, 64), (64, 32), True)
+        """
+        if transposed == self.transposed:
+            return self
+        if transposed:
+            self._check_transposable()
+        return dataclasses.replace(
+            self, qvalue=jnp.swapaxes(self.qvalue, -1, -2), transposed=transposed
+        )
+
+    def _check_transposable(self) -> None:
+        if self.format.packed or self.ndim != 2:
+            raise ValueError(
+                f"QArray.transposed: only 2-D arrays of unpacked (8-bit) codes can store their "
+                f"codes transposed; this one is {self.format.name} with shape {self.shape}"
+            )
+
     def codes(self) -> jax.Array:
         """Unpacked codes in the format's container dtype, logical trailing shape."""
+        if self.transposed:
+            return jnp.swapaxes(self.qvalue, -1, -2)
         if self.format.packed:
             signed = isinstance(self.format, formats.IntFormat) and self.format.signed
             return _packing.unpack(self.qvalue, self.format.bits, self.shape[-1], signed=signed)
@@ -203,6 +245,9 @@ class QArray:
         want = self.shape
         if fmt.packed and self.ndim:
             want = (*self.shape[:-1], _packing.packed_length(self.shape[-1], fmt.bits))
+        if self.transposed:
+            self._check_transposable()
+            want = want[::-1]
         if tuple(self.qvalue.shape[self.qvalue.ndim - self.ndim :]) != want:
             raise ValueError(
                 f"QArray.qvalue trailing shape must be {want} for logical shape {self.shape} "
@@ -243,7 +288,7 @@ class QArray:
 jax.tree_util.register_dataclass(
     QArray,
     data_fields=["qvalue", "scale", "zero_point", "act_scale", "perm"],
-    meta_fields=["format", "shape", "block_shape", "dtype", "act"],
+    meta_fields=["format", "shape", "block_shape", "dtype", "act", "transposed"],
 )
 
 

@@ -10,7 +10,9 @@ the caller keeps its XLA path:
 
 Only contractions of the last axis of `x` with axis 0 of a 2-D weight `[K, N]` are offered
 (what flax `Dense`/`nnx.Linear` do). The kernels read the `QArray`'s arrays in place, whatever
-K and N are, so a quantized tree needs no conversion before serving.
+K and N are, so a quantized tree needs no conversion before serving; `jqtz.nn.serving_layout`
+stores W8A8 codes `[N, K]` once, which spares the W8A8 kernels a transposition per call from
+`w8a8.K_MAJOR_ROWS` rows.
 
 Example:
   >>> import jax, jax.numpy as jnp, jqtz
@@ -78,7 +80,8 @@ def _w8a8_mode(w) -> str | None:
 def _w8a8_operands(x2, w):
     """`(xq, sx, wq, sw)` for `w8a8.matmul`: `x2 [M, K]` quantized by jqtz exactly as its XLA
     path quantizes it (`jqtz.nn.ops.quantize_input`: the same codes), and the weight's codes
-    and scales in place (block scales repeated along N, `[K/128, N]`: 1/128 of the codes)."""
+    (`[N, K]` where `w.transposed`) and scales in place (block scales repeated along N,
+    `[K/128, N]`: 1/128 of the codes)."""
     from jqtz.nn.ops import quantize_input, scales_per_index
 
     qx = quantize_input(x2, w)
@@ -112,7 +115,7 @@ def kernel_for(
     mode = _w8a8_mode(w)
     if mode and x.ndim >= 1 and jnp.issubdtype(x.dtype, jnp.floating):
         probe = jax.ShapeDtypeStruct(x.shape, _W8A8_CODES[w.format.name])
-        if w8a8.can_use(probe, w.qvalue, **kw):
+        if w8a8.can_use(probe, jax.ShapeDtypeStruct(w.shape, w.qvalue.dtype), **kw):
             mosaic = lowering != "triton" and mode == "channel" and common.is_hopper(**kw)
             config = w8a8.serving_config(rows, mosaic=mosaic)
             return "w8a8-mosaic" if isinstance(config, w8a8.MosaicConfig) else "w8a8"
@@ -157,8 +160,10 @@ def maybe_matmul(
         xq, sx, wq, sw = _w8a8_operands(x.reshape(-1, x.shape[-1]), w)
         m = xq.shape[0]
         config = w8a8.serving_config(m, mosaic=name == "w8a8-mosaic")
-        k_major = w8a8.reads_k_major(m, config)  # transposed per call (see K_MAJOR_ROWS)
-        wq = w8a8.to_k_major(wq) if k_major else wq
+        # Codes stored [N, K] (`jqtz.nn.serving_layout`) are read as they are; [K, N] codes
+        # are transposed per call where the config reads K-major (see K_MAJOR_ROWS).
+        k_major = w.transposed or w8a8.reads_k_major(m, config)
+        wq = w8a8.to_k_major(wq) if k_major and not w.transposed else wq
         y = w8a8.matmul(xq, sx, wq, sw, config=config, out_dtype=out_dtype, interpret=interpret,
                         w_k_major=k_major)  # fmt: skip
         return y.reshape(*x.shape[:-1], w.shape[1])

@@ -276,6 +276,8 @@ def supports_qarray(qarray) -> str | None:
         return f"shape {qarray.shape} with batch {qarray.batch_shape} (need one 2-D [K, N])"
     if qarray.act is not None:
         return "quantized activations (use the w8a8 kernel)"
+    if qarray.transposed:
+        return "codes stored transposed, [N, K] (the kernel reads [K, N])"
     if qarray.block_shape[1] != 1:
         return f"block_shape {qarray.block_shape}: groups must run along K only"
     if kernel_group(qarray.shape, qarray.block_shape) is None:

@@ -16,13 +16,15 @@ Two lowerings, chosen by the config's type:
 - `TuningConfig`: Pallas Triton (`matmul`'s default). Reads the weight `[K, N]` as flax stores it,
   or `[N, K]` (`w_k_major`) in place, with all scale layouts above.
 - `MosaicConfig`: Pallas Mosaic GPU, Hopper only: a TMA pipeline feeding `wgmma` from shared
-  memory, scales in the epilogue. 8-bit `wgmma` reads B K-major only, so the weight must be the
-  `[N, K]` copy `to_k_major` makes once at load time; per-token/per-channel (or per-tensor)
-  scales only.
+  memory, scales in the epilogue. 8-bit `wgmma` reads B K-major only, so the weight must be
+  `[N, K]` (`to_k_major`; a tree's W8A8 codes are stored so once by `jqtz.nn.serving_layout`);
+  per-token/per-channel (or per-tensor) scales only.
 
 The serving path (`dispatch`) runs Mosaic GPU from `K_MAJOR_ROWS` rows where it applies, on a
 Hopper GPU: on an H100 it ran int8 1.9x and fp8 2.4x faster than Triton at 4096 x 8192 x 8192
 (docs/benchmarks.md). Triton serves the rest (1x128 block scales, fewer rows, other GPUs).
+Codes stored `[N, K]` are read in place at every M; `[K, N]` codes are transposed per call
+from `K_MAJOR_ROWS` rows.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -304,12 +306,13 @@ def matmul(
 
 
 #: Rows of `x` from which the serving path (`pallas_kernels.dispatch`) gives the kernel the
-#: K-major weight. 8-bit `wgmma` reads B K-major only: on an H100 (2026-11-23, docs/benchmarks.md)
-#: Triton's int8 product at M = 1024..4096 ran 3.4 to 5.3x faster on `[N, K]` than on `[K, N]`
-#: codes (fp8 1.2 to 1.4x). Until jqtz stores W8A8 weights K-major at load time, the serving
-#: path transposes per call (2x the weight's bytes; with the activations' quantization, 137 of
-#: the 576 us of a served int8 product at 4096 x 8192 x 8192); below this many rows the product
-#: is memory-bound and reads `[K, N]` in place.
+#: K-major weight when the tree stores `[K, N]` codes. 8-bit `wgmma` reads B K-major only: on an
+#: H100 (2026-11-23, docs/benchmarks.md) Triton's int8 product at M = 1024..4096 ran 3.4 to 5.3x
+#: faster on `[N, K]` than on `[K, N]` codes (fp8 1.2 to 1.4x). Such codes are transposed per
+#: call (2x the weight's bytes; with the activations' quantization, 137 of the 576 us of a
+#: served int8 product at 4096 x 8192 x 8192); below this many rows the product is memory-bound
+#: and reads `[K, N]` in place. Codes stored `[N, K]` (`jqtz.nn.serving_layout`) are read in
+#: place at every M.
 K_MAJOR_ROWS = 128
 
 
@@ -321,7 +324,8 @@ def serving_config(m: int, *, mosaic: bool) -> TuningConfig | MosaicConfig:
 
 
 def reads_k_major(m: int, config: TuningConfig | MosaicConfig) -> bool:
-    """Whether the served product of `m` rows with `config` takes the `[N, K]` codes."""
+    """Whether the served product of `m` rows with `config` takes the `[N, K]` codes when the
+    tree stores `[K, N]` ones (codes stored `[N, K]` are always read so)."""
     return isinstance(config, MosaicConfig) or m >= K_MAJOR_ROWS
 
 
@@ -329,7 +333,8 @@ def to_k_major(wq: jax.Array) -> jax.Array:
     """The `[N, K]` copy of weight codes `wq [K, N]` that a `MosaicConfig` reads (and Triton
     reads faster: `K_MAJOR_ROWS`).
 
-    Best made once at load time: transposing on every call moves the weight twice more.
+    Best made once at load time (`jqtz.nn.serving_layout` does it for a tree): transposing on
+    every call moves the weight twice more.
     """
     return jnp.asarray(wq).T.copy()
 
@@ -501,18 +506,19 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), first_o
     """Time int8 and fp8 e4m3 products (per-token x per-channel scales; fp8 also with 1x128 x
     128x128 block scales) against the bf16 XLA product; with `tune`, sweep `tune_candidates()`,
     Triton and Mosaic GPU (all on the first shape at the largest M, the three fastest
-    elsewhere; `first_only`: the first shape alone). The default timed is the config the
-    serving path runs (`dispatch`; Mosaic GPU on a Hopper GPU from `K_MAJOR_ROWS` rows with
-    one scale block along K). From `K_MAJOR_ROWS` rows every config reads the K-major weight,
-    as served. The kernel's time excludes the activations'
-    quantization; `served` (`served_us`) includes it and the per-call transposition of the
-    weight, as `dispatch` runs the product now. `smoke`: tiny shapes in the interpreter.
-    Returns one dict per case for `pallas_kernels.bench`."""
+    elsewhere; `first_only`: the first shape alone; M = 16 is not tuned). The default timed is
+    the config the serving path runs (`dispatch`; Mosaic GPU on a Hopper GPU from
+    `K_MAJOR_ROWS` rows with one scale block along K). Every config reads the K-major weight
+    `[N, K]` that `jqtz.nn.serving_layout` stores; below `K_MAJOR_ROWS` rows the default is
+    also timed on `[K, N]` (a tree served without `serving_layout`) and reported. The kernel's
+    time excludes the activations' quantization; `served` (`served_us`) includes it, as
+    `dispatch` runs the product on the serving layout. `smoke`: tiny shapes in the
+    interpreter. Returns one dict per case for `pallas_kernels.bench`."""
     interpret = smoke
     iters = 1 if smoke else 10
     shapes = [(128, 256)] if smoke else [(8192, 8192), (14336, 4096), (4096, 14336)]
     shapes = shapes[:1] if first_only else shapes
-    ms = (128,) if smoke else (4096, 1024)
+    ms = (128, 16) if smoke else (4096, 1024, 16)
     rate = common.measure_matmul_rate(256 if smoke else 8192)
     report(f"w8a8; bf16 {rate / 1e12:.0f} TFLOP/s measured (8192^3 XLA product)")
     report(f"{'case':>9} {'M':>5} {'N':>6} {'K':>6} {'default us':>10} {'best us':>8} "
@@ -538,25 +544,22 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), first_o
                 ws = [(wq, sw)] + [
                     (jnp.copy(wq), sw) for _ in range(common.copies_to_miss_cache(wq.nbytes) - 1)
                 ]
-                # Mosaic GPU, and Triton from `K_MAJOR_ROWS` rows (as served), read the
-                # K-major copy.
+                # The serving layout (`jqtz.nn.serving_layout`): the K-major copy.
                 ws_t = [(to_k_major(q), s) for q, s in ws]
                 xqs = [quantize_rows(x[i], dtype, block) for i in range(calls)]
                 sets = [(*xqs[i], *ws[i % len(ws)]) for i in range(calls)]
                 sets_t = [(*xqs[i], *ws_t[i % len(ws_t)]) for i in range(calls)]
                 ref = reference(*sets[0], out_dtype=jnp.float32)
 
-                def measure(cfg, sets=sets, sets_t=sets_t, ref=ref, m=m):
-                    k_major = reads_k_major(m, cfg)
+                def measure(cfg, sets=sets_t, ref=ref, k_major=True):
                     fn = functools.partial(
                         matmul, config=cfg, interpret=interpret, w_k_major=k_major
                     )
-                    args = sets_t if k_major else sets
-                    err = common.relative_error(fn(*args[0]), ref)
-                    return common.time_per_call(fn, args, iters=iters), err
+                    err = common.relative_error(fn(*sets[0]), ref)
+                    return common.time_per_call(fn, sets, iters=iters), err
 
                 cands = []
-                if tune:
+                if tune and m >= K_MAJOR_ROWS:
                     cands = tune_candidates(smoke=smoke, block_scales=block is not None)
                     if (si, m) != (0, ms[0]):
                         cands = winners.get(name, cands)
@@ -568,24 +571,25 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), first_o
                 if (si, m) == (0, ms[0]):
                     winners[name] = [c for _, c, _ in tried[:3]]
                 t, cfg, err = best
+                if m < K_MAJOR_ROWS:  # the same config on the [K, N] codes, for comparison
+                    t_kn, _ = measure(cfg, sets=sets, k_major=False)
+                    report(f"  {name} M={m} N={n} K={k} {cfg} on the [K, N] weight: "
+                           f"{t_kn * 1e6:.1f} us")  # fmt: skip
 
-                def served(x, wq, sw, cfg=cfg, block=block, dtype=dtype, m=m):
-                    """As `dispatch` serves it: XLA quantizes `x` (and transposes the weight)."""
-                    k_major = reads_k_major(m, cfg)
-                    wq = to_k_major(wq) if k_major else wq
+                def served(x, wq, sw, cfg=cfg, block=block, dtype=dtype):
+                    """As `dispatch` serves the K-major codes: XLA quantizes `x`."""
                     xq, sx = quantize_rows(x, dtype, block)
                     return matmul(xq, sx, wq, sw, config=cfg, interpret=interpret,
-                                  w_k_major=k_major)  # fmt: skip
+                                  w_k_major=True)  # fmt: skip
 
                 t_q = common.time_per_call(
-                    served, [(x[i], *ws[i % len(ws)]) for i in range(calls)], iters=iters
+                    served, [(x[i], *ws_t[i % len(ws_t)]) for i in range(calls)], iters=iters
                 )
                 flops = 2 * m * n * k / t
                 rows.append(dict(kernel=f"w8a8 {name}", m=m, n=n, k=k, us=t * 1e6,
                                  default_us=t_base * 1e6, baseline_us=t_bf16 * 1e6,
                                  speedup=t_bf16 / t, roofline=flops / rate, rel_err=err,
-                                 config=cfg, served_us=t_q * 1e6,
-                                 k_major=reads_k_major(m, cfg)))  # fmt: skip
+                                 config=cfg, served_us=t_q * 1e6))  # fmt: skip
                 report(f"{name:>9} {m:5d} {n:6d} {k:6d} {t_base * 1e6:10.1f} {t * 1e6:8.1f} "
                        f"{t_bf16 * 1e6:8.1f} {t_bf16 / t:7.2f} {flops / 1e12:7.0f} "
                        f"{flops / rate:7.2f} {t_q * 1e6:8.1f} {err:8.1e}  {cfg}")  # fmt: skip

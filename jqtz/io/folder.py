@@ -192,6 +192,7 @@ def _flatten(tree, prefix: str = ""):
 
 
 def _put_qarray(arrays: dict, key: str, q: QArray) -> dict:
+    q = q.with_transposed_codes(False)  # a serving layout is saved in the logical one
     for field in _QFIELDS:
         value = getattr(q, field)
         if field == "scale" and isinstance(value, QArray):

@@ -164,10 +164,10 @@ def streamed_attention(q, k, v, q_pos, k_pos, *, length=None, score_budget=None)
         k_pos: positions of the keys, ``(S,)`` or ``(B, S)``.
         length: None: any positions; static loops (which reverse-mode AD goes through) over
             every key block, skipping, by a `lax.cond`, the blocks that no query of the chunk
-            sees (about half of a causal forward's). Or the filled positions of a cache whose keys sit at their
-            positions (``k_pos = arange(S)``) and whose queries are the last ``T`` of them: each
-            query chunk then visits only the blocks up to its last query (a while loop when
-            ``length`` is traced).
+            sees (about half of a causal forward's). Or the filled positions of a cache whose
+            keys sit at their positions (``k_pos = arange(S)``) and whose queries are the last
+            ``T`` of them: each query chunk then visits only the blocks up to its last query (a
+            while loop when ``length`` is traced).
 
     Example:
         >>> q = jnp.ones((1, 3, 4, 8)); k = v = jnp.ones((1, 5, 2, 8))

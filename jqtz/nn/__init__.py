@@ -8,6 +8,7 @@ from jqtz.nn.ops import (
     pallas_kernels_enabled,
     pallas_lowering,
     promote_dtype,
+    serving_layout,
     take_rows,
     use_pallas_kernels,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "pallas_lowering",
     "promote_dtype",
     "quantized_ops",
+    "serving_layout",
     "take_rows",
     "use_pallas_kernels",
     "use_quantized_ops",

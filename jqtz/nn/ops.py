@@ -185,6 +185,35 @@ def use_pallas_kernels(enabled: bool = True, *, lowering: str = "auto", interpre
         jax.clear_caches()
 
 
+def serving_layout(tree):
+    """`tree` with the codes of its W8A8 weights stored `[N, K]` (`QArray.with_transposed_codes`),
+    the layout NVIDIA's 8-bit tensor-core products read: call it once after loading or
+    quantizing, before serving.
+
+    The W8A8 kernels (`pallas_kernels.w8a8`) then read the codes in place at every M, where a
+    `[K, N]` weight is transposed on every call from `pallas_kernels.w8a8.K_MAJOR_ROWS` rows
+    (twice the weight's bytes moved per call). Results are the same on every path, XLA's
+    included; `jqtz.io.save_quantized` stores the logical layout. Other leaves are returned as
+    they are.
+
+    W8A8 weights here: 2-D `QArray`s of 8-bit codes with quantized activations (`act`).
+
+    Example:
+      >>> import jax.numpy as jnp, jqtz
+      >>> act = jqtz.QuantSpec(format="int8", granularity="channel", axis=-1)
+      >>> q = jqtz.quantize(jnp.ones((64, 32)), jqtz.QuantSpec(format="int8", activation=act))
+      >>> served = jqtz.nn.serving_layout({"dense": {"kernel": q}})
+      >>> served["dense"]["kernel"].qvalue.shape
+      (32, 64)
+    """
+
+    def convert(leaf):
+        w8a8 = isinstance(leaf, QArray) and leaf.act is not None and leaf.ndim == 2
+        return leaf.with_transposed_codes() if w8a8 and not leaf.format.packed else leaf
+
+    return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, QArray))
+
+
 def matmul_path(x, w, *, backend=None, compute_capability=None) -> str:
     """Which path `dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))` takes: the name of the
     Pallas kernel (`"w4a16"`, `"w8a8"`; `"w4a16-mosaic"`, `"w8a8-mosaic"` for their Mosaic GPU
@@ -270,6 +299,8 @@ def _quantized_product(lhs, rhs: QArray, dn, kwargs):
             preferred_element_type=jnp.float32,
             **kwargs,
         )
+    if rhs.transposed:  # codes stored [N, K]: contract their other axis (2-D, no batch axes)
+        dn = ((lc, tuple(1 - d for d in rc)), (lb, rb))
     acc = jax.lax.dot_general(
         qx.qvalue, rhs.qvalue, dn, preferred_element_type=acc_dtype, **kwargs
     ).astype(jnp.float32)
@@ -359,7 +390,7 @@ def promote_dtype(args, /, *, dtype=None, inexact=True):
 
 def take_rows(table: QArray, ids: jax.Array, dtype=None) -> jax.Array:
     """`table[ids]` for a quantized `[rows, features]` table, dequantizing only those rows."""
-    if table.ndim != 2 or table.batch_shape or table.perm is not None:
+    if table.ndim != 2 or table.batch_shape or table.perm is not None or table.transposed:
         return jnp.take(table.dequantize(dtype), ids, axis=0)
     flat = ids.reshape(-1)
     srow = flat // table.block_shape[0]

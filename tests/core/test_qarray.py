@@ -134,3 +134,35 @@ def test_astype_retypes_without_copying():
     assert q.astype(q.dtype) is q
     with pytest.raises(TypeError, match="dequantizes to floats"):
         q.astype(jnp.int8)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+def test_transposed_codes_keep_the_values(fmt):
+    """Codes stored `[N, K]`: same values, codes and metadata; the flag survives pytree
+    round trips and jit; converting back restores the original codes."""
+    w = jax.random.normal(jax.random.key(0), (3, 40, 24))  # a stack of 3 layers
+    q = jqtz.quantize(w[0], QuantSpec(format=fmt))
+    t = q.with_transposed_codes()
+    assert t.transposed and t.qvalue.shape == (24, 40) and t.shape == (40, 24)
+    assert t.with_transposed_codes() is t and "transposed" in repr(t)
+    np.testing.assert_array_equal(np.asarray(t.codes()), np.asarray(q.codes()))
+    np.testing.assert_array_equal(t.dequantize(), q.dequantize())
+    back = t.with_transposed_codes(False)
+    assert not back.transposed and (back.qvalue == q.qvalue).all()
+    leaves, treedef = jax.tree.flatten(t)
+    assert jax.tree.unflatten(treedef, leaves).transposed
+    np.testing.assert_array_equal(jax.jit(lambda a: a.dequantize())(t), q.dequantize())
+    stacked = jax.vmap(lambda a: jqtz.quantize(a, QuantSpec(format=fmt)))(w)
+    st = stacked.with_transposed_codes().validate()
+    assert st.batch_shape == (3,) and st.qvalue.shape == (3, 24, 40)
+    np.testing.assert_array_equal(st.dequantize(), stacked.dequantize())
+
+
+def test_transposed_codes_are_refused_where_undefined():
+    with pytest.raises(ValueError, match="unpacked"):  # packed along N: no [N, K] words
+        jqtz.quantize(jnp.ones((16, 8)), QuantSpec(format="int4")).with_transposed_codes()
+    with pytest.raises(ValueError, match="2-D"):
+        jqtz.quantize(jnp.ones((4, 4, 4)), QuantSpec(format="int8")).with_transposed_codes()
+    q = jqtz.quantize(jnp.ones((16, 8)), QuantSpec(format="int8"))
+    with pytest.raises(ValueError, match=r"trailing shape must be \(8, 16\)"):
+        dataclasses.replace(q, transposed=True).validate()

@@ -237,3 +237,17 @@ def test_rejects_bad_keys_and_kinds(tmp_path):
         )
     with pytest.raises(ValueError, match="`kind`"):
         save_quantized(tmp_path, kind="gpt", config=CONFIG, params={}, tokenizer=None)
+
+
+def test_serving_layout_is_saved_in_the_logical_one(tmp_path):
+    """W8A8 codes stored `[N, K]` for serving (`jqtz.nn.serving_layout`) are written `[K, N]`:
+    a saved folder does not depend on how the tree was last served."""
+    act = jqtz.QuantSpec(format="int8", granularity="channel", axis=-1)
+    w = jax.random.normal(jax.random.key(0), (256, 64))
+    q = jqtz.quantize(w, jqtz.QuantSpec(format="int8", activation=act))
+    served = jqtz.nn.serving_layout({"params": {"layer": {"kernel": q}}})
+    save_quantized(tmp_path / "out", kind="llama", config=CONFIG, params=served, tokenizer=None)
+    _, _, loaded, _ = load_quantized(tmp_path / "out")
+    got = loaded["params"]["layer"]["kernel"]
+    assert not got.transposed and got.qvalue.shape == (256, 64)
+    assert_bit_exact({"params": {"layer": {"kernel": q}}}, loaded)

@@ -351,3 +351,28 @@ def test_block_scaled_dispatch_needs_whole_blocks_along_k():
 def test_bench_entry_point_without_gpu(capsys):
     assert w8a8.main(["--bench"]) == 0
     assert "no GPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["smoothquant", "fp8-per-token", "fp8-block128"])
+def test_serving_layout_spares_the_per_call_transposition(name):
+    """After `jqtz.nn.serving_layout` the codes are stored `[N, K]`: every M reads them in
+    place (no transpose in the served call; Triton below `K_MAJOR_ROWS`, as before), with the
+    results of the `[K, N]` weight's paths."""
+    qw = _w8a8_qarray(W8A8_SPECS[name][0])
+    served = jqtz.nn.serving_layout({"w": qw})["w"]
+    assert served.transposed and served.qvalue.shape == (192, 256)
+    rows = w8a8.K_MAJOR_ROWS
+    for m in (1, rows):
+        x = jax.random.normal(jax.random.key(m), (m, 256), jnp.bfloat16)
+        assert dispatch.kernel_for(x, served, **H100) == dispatch.kernel_for(x, qw, **H100)
+        y = dispatch.maybe_matmul(x, served, interpret=True, **H100)
+        assert _rel(y, dispatch.maybe_matmul(x, qw, interpret=True, **H100)) < 1e-6, m
+        assert _rel(y, jqtz.nn.dot_general(x, qw, (((1,), (0,)), ((), ())))) < 1e-5, m
+
+        def fn(x, w):
+            return dispatch.maybe_matmul(x, w, **H100)
+
+        xs = jax.ShapeDtypeStruct((m, 256), jnp.bfloat16)
+        transposes = [str(jax.make_jaxpr(fn)(xs, w)).count("transpose[") for w in (qw, served)]
+        assert transposes[1] == 0, transposes
+        assert transposes[0] == (1 if m >= rows else 0), transposes

@@ -1,6 +1,7 @@
 """The quantized matrix product: weight-only, W8A8 int8, FP8, fallbacks, embedding rows."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,35 @@ def test_quantized_activations_multiply_the_codes(wfmt, act, acc):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
     rel = jnp.linalg.norm(got - x @ w) / jnp.linalg.norm(x @ w)
     assert rel < (0.02 if wfmt == "int8" else 0.08)
+
+
+@pytest.mark.parametrize("wfmt,act", [("int8", ACT_INT8), ("fp8_e4m3", ACT_FP8)])
+def test_serving_layout_gives_the_same_products(wfmt, act):
+    """`serving_layout` stores W8A8 codes `[N, K]`: XLA's product contracts their other axis
+    (still on the codes), with the same result; weight-only and other leaves stay as they
+    are; a flax Dense runs on the converted tree."""
+    import flax.linen as nn
+
+    x, w = _xw()
+    q = jqtz.quantize(w, jqtz.QuantSpec(format=wfmt, activation=act))
+    tree = {"w8a8": q, "w4": jqtz.quantize(w, WEIGHT_ONLY["int4-g32-asym"]), "b": jnp.ones(3)}
+    served = jqtz.nn.serving_layout(tree)
+    t = served["w8a8"]
+    assert t.transposed and not served["w4"].transposed and served["b"] is tree["b"]
+    jaxpr = str(jax.make_jaxpr(lambda x, q: dot_general(x, q, DN))(x, t))
+    codes_dtype = "i8" if wfmt == "int8" else "f8_e4m3fn"
+    assert f"{codes_dtype}[40,96]" in jaxpr and "transpose[" not in jaxpr
+    same = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-5)  # sum order
+    same(dot_general(x, t, DN), dot_general(x, q, DN))
+    x3 = jnp.stack([x, -x])  # (2, 5, 96): two leading axes
+    same(dot_general(x3, t, (((2,), (0,)), ((), ()))), dot_general(x3, q, (((2,), (0,)), ((), ()))))
+    dense = nn.Dense(40, use_bias=False)
+    with jqtz.nn.quantized_ops():
+        got = dense.apply({"params": {"kernel": t}}, x)
+        want = dense.apply({"params": {"kernel": q}}, x)
+    same(got, want)
+    rows = jnp.array([3, 0])
+    np.testing.assert_array_equal(take_rows(t, rows), q.dequantize()[rows])
 
 
 def test_static_activation_scale():
