@@ -8,6 +8,9 @@ One file per kernel (kernel, pure-jnp `reference`, frozen `TuningConfig` with H1
   128-block scales.
 - `decode_attention`: one query token per sequence over paged int8/fp8/int4 (KIVI) KV pages.
 
+`w4a16_mosaic` and `decode_attention_mosaic` hold those kernels' Mosaic GPU (Hopper) lowerings,
+chosen by passing their `MosaicConfig` (re-exported by `w4a16` and `decode_attention`).
+
 `python -m pallas_kernels.bench --tune --out DIR` runs every benchmark, with tuning, in one go
 (docs/benchmarks.md); `--smoke` runs the same code in the interpreter on any machine.
 

@@ -14,6 +14,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 #: Custom-call target that the Pallas Triton lowering emits (checked by the lowering tests).
@@ -310,6 +311,9 @@ RAGGED_SHAPES = ((576, 192), (576, 1536), (1536, 576))
 #: Bound on `||y - ref|| / ||ref||` for a benchmarked config: bf16 outputs round once (2^-9
 #: relative); float32 accumulation order is far below that.
 ERROR_BOUND = 1e-2
+
+#: Masked attention scores: finite, so an empty split gives zero weights rather than NaN.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def best_config(report, label: str, default, candidates, measure, *, deadline: float):
