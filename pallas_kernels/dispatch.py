@@ -77,6 +77,13 @@ def _w8a8_mode(w) -> str | None:
     return None
 
 
+def _w8a8_mosaic(mode: str, lowering: str, **device) -> bool:
+    """Whether a W8A8 product in `mode` may take Mosaic GPU under `lowering` on `device`: a
+    Hopper GPU, and "auto" for one scale block along K (measured faster) or "mosaic"."""
+    wanted = lowering == "mosaic" or (lowering == "auto" and mode == "channel")
+    return wanted and common.is_hopper(**device)
+
+
 def _w8a8_operands(x2, w):
     """`(xq, sx, wq, sw)` for `w8a8.matmul`: `x2 [M, K]` quantized by jqtz exactly as its XLA
     path quantizes it (`jqtz.nn.ops.quantize_input`: the same codes), and the weight's codes
@@ -99,8 +106,9 @@ def kernel_for(
     `lowering` (`jqtz.nn.use_pallas_kernels`): "auto" takes the lowering measured faster on an
     H100: Mosaic GPU for W8A8 products of at least `w8a8.K_MAJOR_ROWS` rows with one weight
     scale along K (1.9x Triton's int8 and 2.4x its fp8 at 4096 x 8192 x 8192, docs/
-    benchmarks.md), Triton elsewhere; "mosaic" also takes Mosaic GPU for W4A16 above 16 rows;
-    "triton" never takes Mosaic GPU."""
+    benchmarks.md), Triton elsewhere; "mosaic" also takes Mosaic GPU for W4A16 above 16 rows
+    and for W8A8 with 1x128 block scales from `w8a8.K_MAJOR_ROWS` rows (not yet timed on a
+    GPU); "triton" never takes Mosaic GPU."""
     backend = backend or jax.default_backend()
     kw = dict(backend=backend, compute_capability=compute_capability)
     rows = x.size // max(x.shape[-1], 1)
@@ -116,8 +124,9 @@ def kernel_for(
     if mode and x.ndim >= 1 and jnp.issubdtype(x.dtype, jnp.floating):
         probe = jax.ShapeDtypeStruct(x.shape, _W8A8_CODES[w.format.name])
         if w8a8.can_use(probe, jax.ShapeDtypeStruct(w.shape, w.qvalue.dtype), **kw):
-            mosaic = lowering != "triton" and mode == "channel" and common.is_hopper(**kw)
-            config = w8a8.serving_config(rows, mosaic=mosaic)
+            config = w8a8.serving_config(
+                rows, mosaic=_w8a8_mosaic(mode, lowering, **kw), block=mode == "block"
+            )
             return "w8a8-mosaic" if isinstance(config, w8a8.MosaicConfig) else "w8a8"
     return None
 
@@ -159,7 +168,9 @@ def maybe_matmul(
     if name in ("w8a8", "w8a8-mosaic"):
         xq, sx, wq, sw = _w8a8_operands(x.reshape(-1, x.shape[-1]), w)
         m = xq.shape[0]
-        config = w8a8.serving_config(m, mosaic=name == "w8a8-mosaic")
+        config = w8a8.serving_config(
+            m, mosaic=name == "w8a8-mosaic", block=_w8a8_mode(w) == "block"
+        )
         # Codes stored [N, K] (`jqtz.nn.serving_layout`) are read as they are; [K, N] codes
         # are transposed per call where the config reads K-major (see K_MAJOR_ROWS).
         k_major = w.transposed or w8a8.reads_k_major(m, config)

@@ -17,12 +17,14 @@ Two lowerings, chosen by the config's type:
   or `[N, K]` (`w_k_major`) in place, with all scale layouts above.
 - `MosaicConfig`: Pallas Mosaic GPU, Hopper only: a TMA pipeline feeding `wgmma` from shared
   memory, scales in the epilogue. 8-bit `wgmma` reads B K-major only, so the weight must be
-  `[N, K]` (`to_k_major`; a tree's W8A8 codes are stored so once by `jqtz.nn.serving_layout`);
-  per-token/per-channel (or per-tensor) scales only.
+  `[N, K]` (`to_k_major`; a tree's W8A8 codes are stored so once by `jqtz.nn.serving_layout`).
+  Every scale layout above: with 128-row blocks each step's product is scaled and summed in
+  float32 registers (`BLOCK_MOSAIC_CONFIG`).
 
 The serving path (`dispatch`) runs Mosaic GPU from `K_MAJOR_ROWS` rows where it applies, on a
 Hopper GPU: on an H100 it ran int8 1.9x and fp8 2.4x faster than Triton at 4096 x 8192 x 8192
-(docs/benchmarks.md). Triton serves the rest (1x128 block scales, fewer rows, other GPUs).
+(docs/benchmarks.md). Triton serves the rest (1x128 block scales unless the lowering is
+"mosaic", fewer rows, other GPUs).
 Codes stored `[N, K]` are read in place at every M; `[K, N]` codes are transposed per call
 from `K_MAJOR_ROWS` rows.
 
@@ -111,6 +113,14 @@ class MosaicConfig:
 
     def __post_init__(self):
         common.check_mosaic_config(self, tile_k=self.tile_k % 64 == 0 and self.tile_k > 0)
+
+
+#: Most output elements per tile with 1x128 block scales: two accumulators (the step's product
+#: and the float32 sum) share one warpgroup's registers.
+BLOCK_TILE_ELEMS = 64 * 128
+#: The Mosaic GPU config for 1x128 block scales (`use_pallas_kernels(lowering="mosaic")`):
+#: one scale block per step, 64 x 128 tiles. Not yet timed on a GPU.
+BLOCK_MOSAIC_CONFIG = MosaicConfig(tile_m=64, tile_n=128, tile_k=128, max_concurrent_steps=4)
 
 
 def default_config(m: int) -> TuningConfig:
@@ -258,14 +268,18 @@ def matmul(
     sx = jnp.broadcast_to(sx.astype(jnp.float32), (m, kb))
     sw = jnp.broadcast_to(sw.astype(jnp.float32), (kb, n))
     if isinstance(cfg, MosaicConfig):
-        if not w_k_major or kb != 1:
+        if not w_k_major:
             raise ValueError(
-                "a MosaicConfig needs a K-major weight (`w_k_major=True`, `wq = to_k_major(wq)`) "
-                f"and one scale block along K; got w_k_major={w_k_major}, {kb} scale blocks. "
-                "Use a TuningConfig (Triton) for 1x128 block scales."
+                "a MosaicConfig needs a K-major weight (`w_k_major=True`, `wq = to_k_major(wq)`)"
+            )
+        if kb > 1 and (cfg.tile_k != SCALE_BLOCK or cfg.tile_m * cfg.tile_n > BLOCK_TILE_ELEMS):
+            raise ValueError(
+                f"1x128 block scales need MosaicConfig.tile_k = {SCALE_BLOCK} (one scale block "
+                f"per step) and tile_m * tile_n <= {BLOCK_TILE_ELEMS} (a step's product and the "
+                f"float32 sum both live in registers); got {cfg}. `BLOCK_MOSAIC_CONFIG` fits."
             )
         common.require_hopper_for_mosaic(interpret)
-        return _mosaic_matmul(xq, sx[:, 0], wq, sw[0], cfg, out_dtype, interpret)
+        return _mosaic_matmul(xq, sx, wq, sw, cfg, out_dtype, interpret)
     bk = _k_step(k, cfg.block_k) if kb == 1 else SCALE_BLOCK
     kp = common.round_up(k, bk)
     mp, np_ = common.round_up(m, cfg.block_m), common.round_up(n, cfg.block_n)
@@ -316,11 +330,14 @@ def matmul(
 K_MAJOR_ROWS = 128
 
 
-def serving_config(m: int, *, mosaic: bool) -> TuningConfig | MosaicConfig:
-    """The config the serving path (`dispatch`) runs for `m` rows: `MosaicConfig()` from
-    `K_MAJOR_ROWS` rows where `mosaic` (a Hopper GPU, a lowering other than "triton", one
-    scale block along K), else `default_config(m)`."""
-    return MosaicConfig() if mosaic and m >= K_MAJOR_ROWS else default_config(m)
+def serving_config(m: int, *, mosaic: bool, block: bool = False) -> TuningConfig | MosaicConfig:
+    """The config the serving path (`dispatch`) runs for `m` rows: from `K_MAJOR_ROWS` rows
+    where `mosaic` (a Hopper GPU, and the lowering asks for Mosaic GPU: `dispatch.kernel_for`)
+    `MosaicConfig()`, or `BLOCK_MOSAIC_CONFIG` for 1x128 block scales (`block`); else
+    `default_config(m)`."""
+    if mosaic and m >= K_MAJOR_ROWS:
+        return BLOCK_MOSAIC_CONFIG if block else MosaicConfig()
+    return default_config(m)
 
 
 def reads_k_major(m: int, config: TuningConfig | MosaicConfig) -> bool:
@@ -339,17 +356,31 @@ def to_k_major(wq: jax.Array) -> jax.Array:
     return jnp.asarray(wq).T.copy()
 
 
-def _mosaic_kernel(x_g, w_g, sx_g, sw_g, o_g, *, cfg: MosaicConfig, tiles_mn, num_k, acc_dtype):
+def _mosaic_kernel(
+    x_g, w_g, sx_g, sw_g, o_g, *, cfg: MosaicConfig, tiles_mn, num_k, acc_dtype, block: bool
+):
     """One warpgroup per output tile: a TMA pipeline over K feeds `wgmma` (A and B from shared
-    memory, B K-major); the epilogue scales the accumulator by the row and column scales and
-    stores the tile through shared memory with TMA. Tiles are walked persistently in snake order
-    (`cfg.grid_tile_width`) so neighbouring blocks share operand tiles in L2."""
+    memory, B K-major); tiles are walked persistently in snake order (`cfg.grid_tile_width`)
+    so neighbouring blocks share operand tiles in L2.
+
+    One scale block along K: the products accumulate in place and the epilogue scales the
+    accumulator by the row and column scales. 128-row scale blocks (`block`, `tile_k` = 128):
+    each step's product goes to a fresh accumulator, which is scaled by the step's row and
+    column scales (TMA-loaded with the codes) and added to a float32 sum in registers
+    (DeepSeek-V3's promotion of FP8 partial sums to CUDA-core float32 every 128 K)."""
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     gm, gn = tiles_mn
+    rows_layout, cols_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+
+    def scaled(y, rows, cols):
+        y = y * jax.lax.broadcast_in_dim(rows, (tm, tn), [0])
+        return y * jax.lax.broadcast_in_dim(cols, (tm, tn), [1])
 
     @plgpu.nd_loop((gm * gn,), collective_axes="sm")
     def _tile(info):
         mi, ni = plgpu.planar_snake(info.index[0], (gm, gn), 1, cfg.grid_tile_width)
+        x_spec = plgpu.BlockSpec((tm, tk), lambda kk: (mi, kk), delay_release=1)
+        w_spec = plgpu.BlockSpec((tn, tk), lambda kk: (ni, kk), delay_release=1)
 
         def acc_scope(acc_ref):
             def step(_, x_s, w_s):
@@ -361,26 +392,52 @@ def _mosaic_kernel(x_g, w_g, sx_g, sw_g, o_g, *, cfg: MosaicConfig, tiles_mn, nu
             plgpu.emit_pipeline(
                 step,
                 grid=(num_k,),
-                in_specs=[
-                    plgpu.BlockSpec((tm, tk), lambda kk: (mi, kk), delay_release=1),
-                    plgpu.BlockSpec((tn, tk), lambda kk: (ni, kk), delay_release=1),
-                ],
+                in_specs=[x_spec, w_spec],
                 max_concurrent_steps=cfg.max_concurrent_steps,
             )(x_g, w_g)
             return acc_ref[...]
 
+        def block_step(_, x_s, w_s, sx_s, sw_s, total):
+            def product(part_ref):  # a fresh (zeroed) accumulator per scale block
+                plgpu.wgmma(part_ref, x_s, w_s.T)
+                plgpu.wgmma_wait(0)
+                return part_ref[...]
+
+            part = pl.run_scoped(product, plgpu.ACC((tm, tn), acc_dtype))
+            rows = plgpu.load(sx_s.at[0], layout=rows_layout)
+            cols = plgpu.load(sw_s.at[0], layout=cols_layout)
+            return total + scaled(part.astype(jnp.float32), rows, cols)
+
+        if block:
+            y = plgpu.emit_pipeline(
+                block_step,
+                grid=(num_k,),
+                in_specs=[
+                    plgpu.BlockSpec((tm, tk), lambda kk: (mi, kk)),
+                    plgpu.BlockSpec((tn, tk), lambda kk: (ni, kk)),
+                    plgpu.BlockSpec((1, tm), lambda kk: (kk, mi)),
+                    plgpu.BlockSpec((1, tn), lambda kk: (kk, ni)),
+                ],
+                max_concurrent_steps=cfg.max_concurrent_steps,
+                init_carry=plgpu.layout_cast(jnp.zeros((tm, tn), jnp.float32), plgpu.Layout.WGMMA),
+            )(x_g, w_g, sx_g, sw_g)
+            pl.run_scoped(
+                lambda o_s: common.store_tile(
+                    y, o_s, o_g.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)]
+                ),
+                plgpu.SMEM((tm, tn), o_g.dtype),
+            )
+            return
         acc = pl.run_scoped(acc_scope, plgpu.ACC((tm, tn), acc_dtype))
 
         def epilogue(o_s, sx_s, sw_s, bar):
-            plgpu.copy_gmem_to_smem(sx_g.at[pl.ds(mi * tm, tm)], sx_s, bar)
+            plgpu.copy_gmem_to_smem(sx_g.at[0, pl.ds(mi * tm, tm)], sx_s, bar)
             plgpu.barrier_wait(bar)
-            plgpu.copy_gmem_to_smem(sw_g.at[pl.ds(ni * tn, tn)], sw_s, bar)
+            plgpu.copy_gmem_to_smem(sw_g.at[0, pl.ds(ni * tn, tn)], sw_s, bar)
             plgpu.barrier_wait(bar)
-            rows = plgpu.load(sx_s, layout=plgpu.Layout.WGMMA.reduce(1))
-            cols = plgpu.load(sw_s, layout=plgpu.Layout.WGMMA.reduce(0))
-            y = acc.astype(jnp.float32)
-            y = y * jax.lax.broadcast_in_dim(rows, (tm, tn), [0])
-            y = y * jax.lax.broadcast_in_dim(cols, (tm, tn), [1])
+            rows = plgpu.load(sx_s, layout=rows_layout)
+            cols = plgpu.load(sw_s, layout=cols_layout)
+            y = scaled(acc.astype(jnp.float32), rows, cols)
             common.store_tile(y, o_s, o_g.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
 
         pl.run_scoped(
@@ -393,10 +450,11 @@ def _mosaic_kernel(x_g, w_g, sx_g, sw_g, o_g, *, cfg: MosaicConfig, tiles_mn, nu
 
 
 def _mosaic_matmul(xq, sx, wq, sw, cfg: MosaicConfig, out_dtype, interpret):
-    """The Mosaic GPU product of `xq [M, K]` and K-major `wq [N, K]` with row scales `sx [M]`
-    and column scales `sw [N]`, padded to whole tiles."""
+    """The Mosaic GPU product of `xq [M, K]` and K-major `wq [N, K]` with scales `sx [M, kb]`
+    and `sw [kb, N]` (`kb` = 1, or K/128 scale blocks), padded to whole tiles."""
     m, k = xq.shape
     n = wq.shape[0]
+    kb = sx.shape[1]
     mp, np_, kp = (
         common.round_up(m, cfg.tile_m),
         common.round_up(n, cfg.tile_n),
@@ -404,8 +462,9 @@ def _mosaic_matmul(xq, sx, wq, sw, cfg: MosaicConfig, out_dtype, interpret):
     )
     xq = common.pad_axis(common.pad_axis(xq, 1, kp), 0, mp)
     wq = common.pad_axis(common.pad_axis(wq, 1, kp), 0, np_)
-    sx = common.pad_axis(sx, 0, mp, 1.0)
-    sw = common.pad_axis(sw, 0, np_, 1.0)
+    # Scales as rows per K block, `[kb, M]` and `[kb, N]`: one contiguous TMA row per step.
+    sx = common.pad_axis(sx.T, 1, mp, 1.0)
+    sw = common.pad_axis(sw, 1, np_, 1.0)
     tiles = (mp // cfg.tile_m, np_ // cfg.tile_n)
     body = functools.partial(
         _mosaic_kernel,
@@ -413,13 +472,14 @@ def _mosaic_matmul(xq, sx, wq, sw, cfg: MosaicConfig, out_dtype, interpret):
         tiles_mn=tiles,
         num_k=kp // cfg.tile_k,
         acc_dtype=jnp.int32 if xq.dtype == jnp.int8 else jnp.float32,
+        block=kb > 1,
     )
     out = common.persistent_mosaic_kernel(
         body,
         jax.ShapeDtypeStruct((mp, np_), out_dtype),
         tiles[0] * tiles[1],
         interpret=interpret,
-        name=f"w8a8_mgpu_{np.dtype(xq.dtype).name}",
+        name=f"w8a8_mgpu_{np.dtype(xq.dtype).name}" + ("_b128" if kb > 1 else ""),
     )(xq, wq, sx, sw)
     return out[:m, :n]
 
@@ -440,6 +500,15 @@ def can_use(xq, wq, *, backend: str | None = None, compute_capability=None) -> b
         return False
     need = (8, 9) if dt == np.dtype(jnp.float8_e4m3fn) else (8, 0)
     return common.gpu_capability(backend, compute_capability, need=need) is not None
+
+
+#: Mosaic GPU configs `--tune` tries for 1x128 block scales (`BLOCK_TILE_ELEMS`, `tile_k` 128).
+BLOCK_MOSAIC_CANDIDATES = (
+    BLOCK_MOSAIC_CONFIG,
+    MosaicConfig(tile_m=128, tile_n=64, tile_k=128, max_concurrent_steps=4),
+    MosaicConfig(tile_m=64, tile_n=128, tile_k=128, max_concurrent_steps=6),
+    MosaicConfig(tile_m=64, tile_n=128, tile_k=128, max_concurrent_steps=4, grid_tile_width=8),
+)
 
 
 #: Configs `--tune` tries for M >= 128 (the default first), after Triton's usual GEMM sweep.
@@ -470,13 +539,14 @@ MOSAIC_TUNE_CANDIDATES = (
 
 def tune_candidates(*, smoke: bool = False, block_scales: bool = False) -> list:
     """The configs `--tune` sweeps: Triton and Mosaic GPU alternately, so that a sweep cut short
-    by its time budget has still tried both lowerings. 1x128 block scales: Triton only, with
-    `block_k` 128 (the kernel steps K by the scale block)."""
+    by its time budget has still tried both lowerings. 1x128 block scales: Triton with
+    `block_k` 128 (the kernel steps K by the scale block) and `BLOCK_MOSAIC_CANDIDATES`."""
     if block_scales:
-        triton = TUNE_CANDIDATES[:2] if smoke else TUNE_CANDIDATES
-        return [dataclasses.replace(c, block_k=128) for c in triton]
-    triton = TUNE_CANDIDATES[:1] if smoke else TUNE_CANDIDATES
-    mosaic = MOSAIC_TUNE_CANDIDATES[:1] if smoke else MOSAIC_TUNE_CANDIDATES
+        triton = [dataclasses.replace(c, block_k=128) for c in TUNE_CANDIDATES]
+        mosaic = BLOCK_MOSAIC_CANDIDATES
+    else:
+        triton, mosaic = TUNE_CANDIDATES, MOSAIC_TUNE_CANDIDATES
+    triton, mosaic = (triton[:1], mosaic[:1]) if smoke else (triton, mosaic)
     n = min(len(triton), len(mosaic))
     mixed = [c for pair in zip(triton[:n], mosaic[:n], strict=True) for c in pair]
     return mixed + list(triton[n:]) + list(mosaic[n:])
@@ -508,7 +578,8 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), first_o
     Triton and Mosaic GPU (all on the first shape at the largest M, the three fastest
     elsewhere; `first_only`: the first shape alone; M = 16 is not tuned). The default timed is
     the config the serving path runs (`dispatch`; Mosaic GPU on a Hopper GPU from
-    `K_MAJOR_ROWS` rows with one scale block along K). Every config reads the K-major weight
+    `K_MAJOR_ROWS` rows with one scale block along K); on a Hopper GPU the block-scaled case
+    also tries `BLOCK_MOSAIC_CONFIG` without `tune`. Every config reads the K-major weight
     `[N, K]` that `jqtz.nn.serving_layout` stores; below `K_MAJOR_ROWS` rows the default is
     also timed on `[K, N]` (a tree served without `serving_layout`) and reported. The kernel's
     time excludes the activations' quantization; `served` (`served_us`) includes it, as
@@ -559,6 +630,8 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), first_o
                     return common.time_per_call(fn, sets, iters=iters), err
 
                 cands = []
+                if block and hopper and not tune and m >= K_MAJOR_ROWS:  # `lowering="mosaic"`
+                    cands = [BLOCK_MOSAIC_CONFIG]
                 if tune and m >= K_MAJOR_ROWS:
                     cands = tune_candidates(smoke=smoke, block_scales=block is not None)
                     if (si, m) != (0, ms[0]):

@@ -184,8 +184,12 @@ def test_w8a8_tune_candidates_alternate_lowerings():
     cands = w8a8.tune_candidates()
     assert cands[0] == w8a8.default_config(4096) and isinstance(cands[1], w8a8.MosaicConfig)
     assert set(cands) == set(w8a8.TUNE_CANDIDATES) | set(w8a8.MOSAIC_TUNE_CANDIDATES)
-    blocks = w8a8.tune_candidates(block_scales=True)  # Mosaic path: per-channel scales only
-    assert all(isinstance(c, w8a8.TuningConfig) and c.block_k == 128 for c in blocks)
+    blocks = w8a8.tune_candidates(block_scales=True)  # steps of one 128-row scale block
+    assert isinstance(blocks[0], w8a8.TuningConfig) and blocks[1] == w8a8.BLOCK_MOSAIC_CONFIG
+    assert all(c.block_k == 128 for c in blocks if isinstance(c, w8a8.TuningConfig))
+    assert {c for c in blocks if isinstance(c, w8a8.MosaicConfig)} == set(
+        w8a8.BLOCK_MOSAIC_CANDIDATES
+    )
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])

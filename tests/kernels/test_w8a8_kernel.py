@@ -148,9 +148,10 @@ def test_bad_inputs():
         w8a8.matmul(xq, jnp.ones((4, 1)), jnp.zeros((128, 64), jnp.int8), jnp.ones((1, 64)),
                     config=mosaic)  # fmt: skip
     xq256 = jnp.zeros((4, 256), jnp.int8)
-    with pytest.raises(ValueError, match="TuningConfig"):  # 1x128 block scales: Triton only
-        w8a8.matmul(xq256, jnp.ones((4, 2)), jnp.zeros((64, 256), jnp.int8), jnp.ones((2, 64)),
-                    config=mosaic, w_k_major=True)  # fmt: skip
+    for tiles in (mosaic, w8a8.MosaicConfig(tile_m=64, tile_n=128, tile_k=64)):
+        with pytest.raises(ValueError, match="block scales need"):  # 128 x 128 tiles, K steps
+            w8a8.matmul(xq256, jnp.ones((4, 2)), jnp.zeros((64, 256), jnp.int8),
+                        jnp.ones((2, 64)), config=tiles, w_k_major=True)  # fmt: skip
     with pytest.raises(ValueError, match="K"):  # K-major weight with the wrong K
         w8a8.matmul(xq, jnp.ones((4, 1)), jnp.zeros((64, 100), jnp.int8), jnp.ones((1, 64)),
                     w_k_major=True)  # fmt: skip
@@ -373,6 +374,46 @@ def test_serving_layout_spares_the_per_call_transposition(name):
             return dispatch.maybe_matmul(x, w, **H100)
 
         xs = jax.ShapeDtypeStruct((m, 256), jnp.bfloat16)
-        transposes = [str(jax.make_jaxpr(fn)(xs, w)).count("transpose[") for w in (qw, served)]
+
+        def weight_transposes(w, xs=xs):  # transposes that produce the codes' [N, K]
+            eqns = str(jax.make_jaxpr(fn)(xs, w)).splitlines()
+            return sum("transpose[" in e and "[192,256]=" in e.replace(" ", "") for e in eqns)
+
+        transposes = [weight_transposes(w) for w in (qw, served)]
         assert transposes[1] == 0, transposes
         assert transposes[0] == (1 if m >= rows else 0), transposes
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, FP8], ids=["int8", "fp8"])
+@pytest.mark.parametrize("m, k, n", [(64, 256, 128), (100, 384, 256)], ids=["tiles", "ragged_m"])
+def test_mosaic_block_scales(dtype, m, k, n):
+    """1x128 x 128x128 block scales on Mosaic GPU: each K step's product is scaled by its
+    blocks' scales and summed in float32, as the reference dequantizes."""
+    x = jax.random.normal(jax.random.key(0), (m, k))
+    w = jax.random.normal(jax.random.key(1), (k, n))
+    xq, sx = w8a8.quantize_rows(x, dtype, 128)
+    wq, sw = w8a8.quantize_cols(w, dtype, 128)
+    for cfg in w8a8.BLOCK_MOSAIC_CANDIDATES[:2]:  # 64 x 128 and 128 x 64 tiles
+        y = w8a8.matmul(xq, sx, w8a8.to_k_major(wq), sw, config=cfg, w_k_major=True,
+                        out_dtype=jnp.float32, interpret=True)  # fmt: skip
+        assert _rel(y, w8a8.reference(xq, sx, wq, sw, out_dtype=jnp.float32)) < 1e-5, cfg
+    sds = jax.ShapeDtypeStruct
+    f32 = jnp.float32
+    args = (sds((256, 4096), dtype), sds((256, 32), f32), sds((1024, 4096), dtype),
+            sds((32, 1024), f32))  # fmt: skip
+    for cfg in w8a8.BLOCK_MOSAIC_CANDIDATES:  # each fits the H100's shared memory and registers
+        fn = lambda *a, cfg=cfg: w8a8.matmul(*a, config=cfg, w_k_major=True)
+        assert common.MOSAIC_GPU_CUSTOM_CALL in common.lower_for_cuda(fn, *args)
+
+
+def test_block_scales_take_mosaic_gpu_when_asked():
+    """DeepSeek-style FP8 weights (served `[N, K]`): Triton under "auto" (measured), Mosaic GPU
+    under "mosaic" from `K_MAJOR_ROWS` rows, with XLA's result; N off the tiles (192)."""
+    qw = jqtz.nn.serving_layout({"w": _w8a8_qarray(fp8_spec("block128"))})["w"]
+    rows = w8a8.K_MAJOR_ROWS
+    x = jax.random.normal(jax.random.key(3), (rows, 256), jnp.bfloat16)
+    assert dispatch.kernel_for(x, qw, **H100) == "w8a8"
+    assert dispatch.kernel_for(x, qw, lowering="mosaic", **H100) == "w8a8-mosaic"
+    assert dispatch.kernel_for(x[:-1], qw, lowering="mosaic", **H100) == "w8a8"
+    y = dispatch.maybe_matmul(x, qw, lowering="mosaic", interpret=True, **H100)
+    assert _rel(y, jqtz.nn.dot_general(x, qw, (((1,), (0,)), ((), ())))) < 1e-5
