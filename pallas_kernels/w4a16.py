@@ -87,6 +87,7 @@ __all__ = [
     "mosaic_pads",
     "mosaic_unsupported",
     "prepare",
+    "profile_once",
     "reference",
     "supports_qarray",
     "tune_candidates",
@@ -712,7 +713,9 @@ def benchmark(
     group=128,
     symmetric=False,
 ):
-    """Time the kernel against the bf16 XLA product; with `tune`, sweep `tune_candidates`.
+    """Time the kernel against the bf16 XLA product and against XLA's own product on the same
+    QArray (`xla us`: jqtz's weight-only path with the kernels off, what `dispatch` falls back
+    to); with `tune`, sweep `tune_candidates`.
 
     The weights have zero points (uint4/uint8 codes, jqtz's PTQ default below 8 bits) unless
     `symmetric`.
@@ -736,14 +739,16 @@ def benchmark(
     grid = "symmetric" if symmetric else "zero points"
     report(f"w{bits}a16, groups of {group}, {grid}; copy {bw / 1e9:.0f} GB/s")
     report(f"{'M':>5} {'N':>6} {'K':>6} {'default us':>10} {'best us':>8} {'bf16 us':>8} "
-           f"{'speedup':>7} {'GB/s':>6} {'of copy':>7} {'rel err':>8}  best config")  # fmt: skip
+           f"{'xla us':>8} {'speedup':>7} {'GB/s':>6} {'of copy':>7} {'rel err':>8}  "
+           "best config")  # fmt: skip
     rows, winners = [], {}
     for si, (n, k) in enumerate(shapes):
         w = jax.random.normal(jax.random.key(si), (k, n), jnp.float32)
         spec = jqtz.QuantSpec(
             format=fmt, granularity="group", group_size=group, symmetric=symmetric
         )
-        pw = jax.block_until_ready(prepare(jqtz.quantize(w, spec)))
+        q = jax.block_until_ready(jqtz.quantize(w, spec))
+        pw = prepare(q)
         wb = w.astype(jnp.bfloat16)
         del w
         nbytes = sum(a.nbytes for a in jax.tree.leaves(pw))
@@ -751,6 +756,7 @@ def benchmark(
             jax.tree.map(jnp.copy, pw) for _ in range(common.copies_to_miss_cache(nbytes) - 1)
         ]
         wbs = [wb] + [jnp.copy(wb) for _ in range(common.copies_to_miss_cache(wb.nbytes) - 1)]
+        qs = [jax.tree.map(jnp.copy, q) for _ in pws] if not smoke else [q]
         shape_best = {}
         for m in ms:
             # many calls per program for short products: host timing noise shrinks per call
@@ -784,22 +790,48 @@ def benchmark(
                 jnp.dot, [(xs[i], wbs[i % len(wbs)]) for i in range(calls)], iters=iters
             )
             t, cfg, err = best
+            with jqtz.nn.use_pallas_kernels(False):  # XLA's own path for the same QArray
+                t_xla = common.time_per_call(
+                    lambda x, q: jqtz.nn.dot_general(x, q, (((1,), (0,)), ((), ()))),
+                    [(xs[i], qs[i % len(qs)]) for i in range(calls)],
+                    iters=iters,
+                )
             moved = nbytes + 2 * (m * k + m * n)
             row = dict(kernel=f"w{bits}a16", symmetric=symmetric, m=m, n=n, k=k, us=t * 1e6,
                        default_us=t_base * 1e6,
-                       baseline_us=t_bf16 * 1e6, speedup=t_bf16 / t, roofline=moved / t / bw,
-                       rel_err=err, config=cfg)  # fmt: skip
+                       baseline_us=t_bf16 * 1e6, xla_us=t_xla * 1e6, speedup=t_bf16 / t,
+                       roofline=moved / t / bw, rel_err=err, config=cfg)  # fmt: skip
             rows.append(row)
             report(f"{m:5d} {n:6d} {k:6d} {t_base * 1e6:10.1f} {t * 1e6:8.1f} {t_bf16 * 1e6:8.1f} "
-                   f"{t_bf16 / t:7.2f} {moved / t / 1e9:6.0f} {moved / t / bw:7.2f} {err:8.1e}  "
-                   f"{cfg}")  # fmt: skip
+                   f"{t_xla * 1e6:8.1f} {t_bf16 / t:7.2f} {moved / t / 1e9:6.0f} "
+                   f"{moved / t / bw:7.2f} {err:8.1e}  {cfg}")  # fmt: skip
     return rows
 
 
+def profile_once(m: int, *, n: int = 8192, k: int = 8192, bits: int = 4, group: int = 128,
+                 interpret: bool = False) -> TuningConfig | MosaicConfig:  # fmt: skip
+    """Run the default product for `m` rows on an `[k, n]` zero-point weight three times, for a
+    profiler to catch (`ncu -k regex:a16 --launch-count 1 python -m pallas_kernels.w4a16
+    --profile 1`); no timing. Returns the config run."""
+    import jqtz
+
+    spec = jqtz.QuantSpec(format=f"int{bits}", granularity="group", group_size=group,
+                          symmetric=False)  # fmt: skip
+    pw = prepare(jqtz.quantize(jax.random.normal(jax.random.key(0), (k, n)), spec))
+    x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
+    for _ in range(3):
+        jax.block_until_ready(matmul(x, pw, interpret=interpret))
+    return default_config(m, n, pw.num_groups, bits=bits)
+
+
 def main(argv=None) -> int:
-    """`python -m pallas_kernels.w4a16 --bench [--tune]`: the kernel vs bf16 XLA on a GPU."""
+    """`python -m pallas_kernels.w4a16 --bench [--tune]`: the kernel vs bf16 XLA on a GPU;
+    `--profile M`: `profile_once(M)`, for a profiler."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", action="store_true", help="time the kernel on the GPU")
+    parser.add_argument(
+        "--profile", type=int, metavar="M", help="run the default product for M rows 3 times"
+    )
     parser.add_argument("--tune", action="store_true", help="also sweep tune_candidates")
     parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     parser.add_argument("--group", type=int, default=128)
@@ -807,6 +839,11 @@ def main(argv=None) -> int:
         "--symmetric", action="store_true", help="codes without zero points (default: with)"
     )
     args = parser.parse_args(argv)
+    if args.profile is not None:
+        if not common.require_gpu_or_exit("w4a16"):
+            return 0
+        print(profile_once(args.profile, bits=args.bits, group=args.group))
+        return 0
     if not args.bench:
         parser.print_help()
         return 0

@@ -583,8 +583,9 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), first_o
     `[N, K]` that `jqtz.nn.serving_layout` stores; below `K_MAJOR_ROWS` rows the default is
     also timed on `[K, N]` (a tree served without `serving_layout`) and reported. The kernel's
     time excludes the activations' quantization; `served` (`served_us`) includes it, as
-    `dispatch` runs the product on the serving layout. `smoke`: tiny shapes in the
-    interpreter. Returns one dict per case for `pallas_kernels.bench`."""
+    `dispatch` runs the product on the serving layout; `xla us` is XLA's own path for the same
+    QArray (jqtz's product with the kernels off, what `dispatch` falls back to). `smoke`: tiny
+    shapes in the interpreter. Returns one dict per case for `pallas_kernels.bench`."""
     interpret = smoke
     iters = 1 if smoke else 10
     shapes = [(128, 256)] if smoke else [(8192, 8192), (14336, 4096), (4096, 14336)]
@@ -593,12 +594,18 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), first_o
     rate = common.measure_matmul_rate(256 if smoke else 8192)
     report(f"w8a8; bf16 {rate / 1e12:.0f} TFLOP/s measured (8192^3 XLA product)")
     report(f"{'case':>9} {'M':>5} {'N':>6} {'K':>6} {'default us':>10} {'best us':>8} "
-           f"{'bf16 us':>8} {'speedup':>7} {'TFLOP/s':>7} {'of bf16':>7} {'served':>8} "
-           f"{'rel err':>8}  "
-           "best config")  # fmt: skip
+           f"{'bf16 us':>8} {'xla us':>8} {'speedup':>7} {'TFLOP/s':>7} {'of bf16':>7} "
+           f"{'served':>8} {'rel err':>8}  best config")  # fmt: skip
     hopper = common.is_hopper()
+    import jqtz
+    from jqtz.ptq import default_spec
+    from jqtz.ptq.fp8 import fp8_spec
+
     cases = [("int8", jnp.int8, None), ("fp8", jnp.float8_e4m3fn, None)]
     cases.append(("fp8-b128", jnp.float8_e4m3fn, 128))
+    # The same products as jqtz serves them, for XLA's own path (`xla us`).
+    specs = {"int8": default_spec("smoothquant"), "fp8": fp8_spec("dynamic-per-token"),
+             "fp8-b128": fp8_spec("block128")}  # fmt: skip
     rows, winners = [], {}
     for si, (n, k) in enumerate(shapes):
         w = jax.random.normal(jax.random.key(si), (k, n), jnp.float32)
@@ -658,13 +665,23 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), first_o
                 t_q = common.time_per_call(
                     served, [(x[i], *ws_t[i % len(ws_t)]) for i in range(calls)], iters=iters
                 )
+                qw = jqtz.nn.serving_layout(jqtz.quantize(w, specs[name]))
+                qws = [qw] + [jax.tree.map(jnp.copy, qw) for _ in ws[1:]]
+                with jqtz.nn.use_pallas_kernels(False):  # XLA's path for the same QArray
+                    t_xla = common.time_per_call(
+                        lambda x, q: jqtz.nn.dot_general(x, q, (((1,), (0,)), ((), ()))),
+                        [(x[i], qws[i % len(qws)]) for i in range(calls)],
+                        iters=iters,
+                    )
                 flops = 2 * m * n * k / t
                 rows.append(dict(kernel=f"w8a8 {name}", m=m, n=n, k=k, us=t * 1e6,
                                  default_us=t_base * 1e6, baseline_us=t_bf16 * 1e6,
                                  speedup=t_bf16 / t, roofline=flops / rate, rel_err=err,
-                                 config=cfg, served_us=t_q * 1e6))  # fmt: skip
+                                 config=cfg, served_us=t_q * 1e6,
+                                 xla_us=t_xla * 1e6))  # fmt: skip
                 report(f"{name:>9} {m:5d} {n:6d} {k:6d} {t_base * 1e6:10.1f} {t * 1e6:8.1f} "
-                       f"{t_bf16 * 1e6:8.1f} {t_bf16 / t:7.2f} {flops / 1e12:7.0f} "
+                       f"{t_bf16 * 1e6:8.1f} {t_xla * 1e6:8.1f} {t_bf16 / t:7.2f} "
+                       f"{flops / 1e12:7.0f} "
                        f"{flops / rate:7.2f} {t_q * 1e6:8.1f} {err:8.1e}  {cfg}")  # fmt: skip
     return rows
 

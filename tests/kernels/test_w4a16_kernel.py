@@ -411,3 +411,12 @@ def test_dispatch_choice_and_fallback():
 def test_bench_entry_point_without_gpu(capsys):
     assert w4a16.main(["--bench"]) == 0
     assert "no GPU" in capsys.readouterr().out
+
+
+def test_profile_entry_point(capsys):
+    """`--profile M` runs the default product for a profiler (here in the interpreter on small
+    shapes); without a GPU the command says so and exits 0."""
+    cfg = w4a16.profile_once(1, n=256, k=256, interpret=True)
+    assert cfg == w4a16.default_config(1, 256, 2)
+    assert w4a16.main(["--profile", "1"]) == 0
+    assert "no GPU" in capsys.readouterr().out
