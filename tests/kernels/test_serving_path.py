@@ -132,6 +132,27 @@ def test_real_model_through_the_interpreted_kernels_matches_the_xla_path(shared_
     assert float(jnp.linalg.norm(kernels - xla) / jnp.linalg.norm(xla)) < 2e-2
 
 
+def test_real_w8a8_model_in_its_serving_layout_matches_the_xla_path(shared_data):
+    """stories260K with SmoothQuant-style W8A8 weights stored `[N, K]` by `serving_layout`:
+    every product on the W8A8 kernel (interpreted), reading the codes in place, gives the
+    logits of XLA's path on the tree as quantized."""
+    from jqtz.io.llama2c import load_llama2c
+
+    config, params = load_llama2c(shared_data / "stories260K.bin")
+    config = dataclasses.replace(config, dtype=jnp.bfloat16)
+    qparams = jqtz.quantize_params(params, [jqtz.Rule(r".*/kernel", default_spec("smoothquant"))])
+    served = jqtz.nn.serving_layout(qparams)
+    tokens = jnp.asarray([[1, 403, 407, 261, 378, 448, 409, 259, 21, 1, 356, 431]], jnp.int32)
+    with jqtz.nn.use_pallas_kernels(interpret=True):
+        paths = decode_paths(config, served)
+        kernels = _dequantized_logits(config, served, tokens)
+    paths.pop("attention")
+    assert set(paths.values()) == {"w8a8"} and len(paths) == 7 * config.n_layers
+    with jqtz.nn.use_pallas_kernels(False):
+        xla = _dequantized_logits(config, qparams, tokens)
+    assert float(jnp.linalg.norm(kernels - xla) / jnp.linalg.norm(xla)) < 2e-2
+
+
 def test_decode_path_through_the_interpreted_kernels_matches_the_xla_path():
     """Decode-path NLL (every token through the int8 cache) of a model with 64-wide heads and
     ragged dims. In float32 the products stay on XLA and only the decode attention runs on its
