@@ -6,7 +6,9 @@
     python -m pallas_kernels.bench --smoke --tune        # anywhere: tiny shapes, interpreter
 
 On an H100 (2026-11-23) the whole suite without tuning took more than 280 s, so a tuning sweep
-belongs in a call of its own (`--first-shape` keeps the untuned remainder short).
+belongs in a call of its own (`--first-shape` keeps the untuned remainder short). The suite has
+timed more since (XLA's quantized paths, W8A8 decode rows): give each kernel its own call
+(`--only`).
 
 For each kernel (`w4a16`, `w8a8`, `decode_attention`) it measures the roofline of this run
 (device-to-device copy rate; bf16 XLA product rate), checks every timed config's output against
