@@ -128,17 +128,6 @@ class Plan:
     def by_path(self) -> dict[str, Decision]:
         return {d.path: d for d in self.decisions}
 
-    def require_unstacked(self, what: str) -> None:
-        """Raise ValueError when a rule stacks layers (`batch_dims`), which `what` does not
-        support yet; names the parameters."""
-        stacked = [d.path for d in self.decisions if d.spec is not None and d.batch_dims]
-        if stacked:
-            raise ValueError(
-                f"{what} does not support stacked layers (Rule batch_dims) yet; stacked: "
-                f"{', '.join(stacked[:3])}{' ...' if len(stacked) > 3 else ''}. Quantize them "
-                "with jqtz.quantize_params, or unstack the layers first"
-            )
-
     def check(self, *, strict: bool = False, stacklevel: int = 3) -> None:
         """Warn about rules that did nothing (`warnings()`); with `strict`, raise ValueError."""
         import warnings as _warnings

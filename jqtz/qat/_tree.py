@@ -75,15 +75,40 @@ def check_known(side: dict[str, dict], decisions: dict, *, name: str) -> None:
             )
 
 
+def per_layer(fn, batch_dims: int):
+    """`fn` mapped over `batch_dims` leading axes of all its arguments (stacked layers, each
+    quantized on its own as `jqtz.quantize(..., batch_dims=...)` does); `fn` itself for 0."""
+    for _ in range(batch_dims):
+        fn = jax.vmap(fn)
+    return fn
+
+
+def refuse_stacked(decisions, paths, *, what: str) -> None:
+    """Raise ValueError when one of `paths` is a stacked parameter (Rule `batch_dims`), which
+    `what` does not support yet; names the parameter and the fix."""
+    for path in paths:
+        d = decisions.get(path)
+        if d is not None and d.spec is not None and d.batch_dims:
+            raise ValueError(
+                f"{what} for stacked layers (Rule batch_dims) is not supported yet: parameter "
+                f"{path!r} is stacked. Train the weights with learned or current scales, or "
+                "unstack the layers first"
+            )
+
+
 def plan_with_state(params, rules, learned, amax_history, *, strict: bool = False):
     """The rules' decisions per path, and the learned scales and FP8 histories per path, checked
-    to belong to quantized parameters. Rules that match nothing warn (or raise with `strict`)."""
+    to belong to quantized parameters. Rules that match nothing warn (or raise with `strict`).
+    Stacked parameters (Rule `batch_dims`) take learned weight scales with their leading axes;
+    FP8 delayed-scaling histories and learned activation ranges are refused for them."""
     plan = rules_lib.plan(params, rules)
-    plan.require_unstacked("jqtz.qat")
     plan.check(strict=strict, stacklevel=4)
     decisions = plan.by_path()
     learned_by_path = entries(learned, name="learned")
     history_by_path = entries(amax_history, name="amax_history")
     check_known(learned_by_path, decisions, name="learned")
     check_known(history_by_path, decisions, name="amax_history")
+    refuse_stacked(decisions, history_by_path, what="FP8 delayed scaling (amax_history)")
+    act = [p for p, e in learned_by_path.items() if "act_scale" in e]
+    refuse_stacked(decisions, act, what="a learned activation range (act_scale)")
     return decisions, learned_by_path, history_by_path

@@ -48,16 +48,24 @@ from jqtz.quantize import quantize
 __all__ = ["convert"]
 
 
+def _learned(path, spec, entry) -> dict:
+    """`scale=` and `zero_point=` for `quantize` from a learned entry, or none (PTQ ranges)."""
+    if "scale" not in entry:
+        return {}
+    scale = effective_scale(entry["scale"], spec.scale_dtype).astype(spec.scale_dtype)
+    zero = entry.get("zero_point")
+    if spec.storage_format.has_zero_point:
+        if zero is None:
+            raise ValueError(f"`learned` entry {path!r} has a scale but no zero_point")
+        zero = effective_zero_point(zero, spec.storage_format)
+    return {"scale": scale, "zero_point": zero}
+
+
 def _scales(path, leaf, spec, entry, history):
     """(scale, zero point) to store for one weight, or (None, None) to choose them as PTQ."""
     if "scale" in entry:
-        scale = effective_scale(entry["scale"], spec.scale_dtype).astype(spec.scale_dtype)
-        zero = entry.get("zero_point")
-        if spec.storage_format.has_zero_point:
-            if zero is None:
-                raise ValueError(f"`learned` entry {path!r} has a scale but no zero_point")
-            zero = effective_zero_point(zero, spec.storage_format)
-        return scale, zero
+        learned = _learned(path, spec, entry)
+        return learned["scale"], learned["zero_point"]
     if "weight" in history:
         amax = jnp.max(jnp.abs(jnp.asarray(leaf, jnp.float32)))
         return delayed_scale(history["weight"], amax, spec), None
@@ -114,12 +122,15 @@ def convert(params, rules, learned=None, *, amax_history=None, strict: bool = Fa
 
     def one(keypath, leaf):
         path = rules_lib.path_str(keypath)
-        spec = decisions[path].spec
+        spec, batch_dims = decisions[path].spec, decisions[path].batch_dims
         if spec is None:
             return leaf
         entry = learned_by_path.get(path, {})
         history = history_by_path.get(path, {})
         try:
+            if batch_dims:  # stacked layers: learned weight scales only (`plan_with_state`)
+                layer = lambda x, e: quantize(x, spec, **_learned(path, spec, e))
+                return _tree.per_layer(layer, batch_dims)(leaf, entry)
             scale, zero = _scales(path, leaf, spec, entry, history)
             q = quantize(leaf, spec, scale=scale, zero_point=zero)
             act_scale = _act_scale(path, spec, entry, history)

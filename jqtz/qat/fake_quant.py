@@ -9,7 +9,8 @@ as `jqtz.quantize_params`) is replaced by its quantize-dequantize (`jqtz.qat.fak
 the parameter's dtype, so the model runs unmodified; the others pass through. Gradients reach
 the full-precision parameters through the straight-through estimator, and the learned scales
 (`learned=`) through LSQ. Works on linen variables, NNX `State`s and any pytree, under `jit`,
-`grad` and sharding.
+`grad` and sharding; stacked layers (Rule `batch_dims`, as `nn.scan` stores them) are fake-
+quantized layer by layer, as `quantize_params` quantizes them.
 
 Example:
   >>> import jax, jax.numpy as jnp, jqtz
@@ -60,25 +61,28 @@ def fake_quant_params(params, rules, *, learned=None, clipped_ste: bool = False,
 
     def one(keypath, leaf):
         path = rules_lib.path_str(keypath)
-        spec = decisions[path].spec
+        spec, batch_dims = decisions[path].spec, decisions[path].batch_dims
         if spec is None:
             return leaf
         entry = learned_by_path.get(path, {})
         try:
             if "scale" in entry:
-                return fake_quant(
-                    leaf,
-                    spec,
-                    scale=entry["scale"],
-                    zero_point=entry.get("zero_point"),
-                    clipped_ste=clipped_ste,
+                learned_fq = _tree.per_layer(
+                    lambda x, s, z: fake_quant(
+                        x, spec, scale=s, zero_point=z, clipped_ste=clipped_ste
+                    ),
+                    batch_dims,
                 )
+                return learned_fq(leaf, entry["scale"], entry.get("zero_point"))
             history = history_by_path.get(path, {}).get("weight")
             if history is not None:
                 amax = jnp.max(jnp.abs(jax.lax.stop_gradient(leaf).astype(jnp.float32)))
                 scale = jax.lax.stop_gradient(delayed_scale(history, amax, spec))
                 return fake_quant(leaf, spec, scale=scale, clipped_ste=clipped_ste, grad_scale=0.0)
-            return fake_quant(leaf, spec, clipped_ste=clipped_ste)
+            current = _tree.per_layer(
+                lambda x: fake_quant(x, spec, clipped_ste=clipped_ste), batch_dims
+            )
+            return current(leaf)
         except (ValueError, NotImplementedError, TypeError) as e:
             raise type(e)(f"parameter {path!r}: {e}") from None
 

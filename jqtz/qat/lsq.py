@@ -50,8 +50,9 @@ def init_learned_scales(params, rules, *, act_scales=None) -> dict:
 
     Returns:
       Nested dicts by parameter path, each quantized parameter holding `"scale"` (float32,
-      one per block), `"zero_point"` (asymmetric specs; float32 code units) and, when
-      calibrated, `"act_scale"` (float32 scalar).
+      one per block; stacked layers, Rule `batch_dims`, with their leading axes),
+      `"zero_point"` (asymmetric specs; float32 code units) and, when calibrated,
+      `"act_scale"` (float32 scalar).
 
     Raises:
       NotImplementedError: a selected spec uses `double_quant`, or a calibrated activation
@@ -59,7 +60,6 @@ def init_learned_scales(params, rules, *, act_scales=None) -> dict:
       ValueError: `act_scales` holds a path that the rules do not quantize.
     """
     plan = rules_lib.plan(params, rules)
-    plan.require_unstacked("jqtz.qat")
     leaves = _tree.leaves_by_path(params)
     out: dict[str, dict] = {}
     for d in plan.decisions:
@@ -71,7 +71,10 @@ def init_learned_scales(params, rules, *, act_scales=None) -> dict:
                 "without double quantization for it"
             )
         x = jnp.asarray(leaves[d.path], jnp.float32)
-        scale, zero = _choose_qparams(x, d.spec, d.spec.block_shape_for(x.shape, path=d.path))
+        block = d.spec.block_shape_for(x.shape[d.batch_dims :], path=d.path)
+        choose = _tree.per_layer(lambda a, d=d, block=block: _choose_qparams(a, d.spec, block),
+                                 d.batch_dims)  # fmt: skip
+        scale, zero = choose(x)
         entry = {"scale": scale.astype(jnp.float32)}
         if zero is not None:
             entry["zero_point"] = zero.astype(jnp.float32)
@@ -92,6 +95,7 @@ def init_learned_scales(params, rules, *, act_scales=None) -> dict:
                     f"{path!r}: static activation ranges of shape {leaf.act_scale.shape}; "
                     "only per-tensor static ranges are learned (granularity='tensor')"
                 )
+            _tree.refuse_stacked(plan.by_path(), [path], what="a learned activation range")
             out[path]["act_scale"] = leaf.act_scale.astype(jnp.float32).reshape(())
     return _tree.nest(out)
 
