@@ -170,12 +170,18 @@ class TuningConfig:
       num_warps, num_stages: Triton launch parameters.
       pages_per_step: pages one loop step reads (independent loads in flight, one online-
         softmax update); None: enough pages for 64 tokens (four of vLLM's 16-token pages).
+      int8_via_f16: int8 codes become float16 by an integer add and a bit cast (the float16
+        `1152 + code`, less 1152: exact, no integer-to-float conversion, which runs at a
+        quarter of the rate of other arithmetic on an H100), and their products run in
+        float16 (queries and probabilities rounded to float16 instead of the query dtype:
+        3 more mantissa bits than bfloat16). bf16/f16 queries only; other pages ignore it.
     """
 
     num_splits: int | None = None
     num_warps: int = 4
     num_stages: int = 2
     pages_per_step: int | None = None
+    int8_via_f16: bool = False
 
     def __post_init__(self):
         if self.num_splits is not None and self.num_splits < 1:
@@ -225,7 +231,16 @@ def _group_slices(d: int, groups: int, packed: bool):
     return [([(gi * gs, gs)], (gi * gs, gs)) for gi in range(groups)]
 
 
-def _kernel(*refs, layout, page, per_step, steps_per_split, head_dim, compute_dtype, precision):
+def _int8_as_f16(codes):
+    """int8 codes as exact float16: the bits of `1152 + code` (`0x6480 + code`: exponent of
+    1024, the biased code in the mantissa) less 1152; integer arithmetic and a bit cast."""
+    bits = codes.astype(jnp.int16) + jnp.int16(0x6480)
+    return jax.lax.bitcast_convert_type(bits, jnp.float16) - jnp.float16(1152)
+
+
+def _kernel(
+    *refs, layout, page, per_step, steps_per_split, head_dim, compute_dtype, precision, via_f16
+):
     k_kind, k_channel, k_off, v_kind, v_off, k_groups, v_groups = layout
     refs = list(refs)
     lengths_ref, tables_ref, q_ref, kc_ref = refs[:4]
@@ -254,9 +269,12 @@ def _kernel(*refs, layout, page, per_step, steps_per_split, head_dim, compute_dt
     bh = q_groups[0][0].shape[0]
 
     def dot(a, b, contract_b):  # a (bh, c) with b (page, c) or (c, page) -> float32
+        dtype = compute_dtype
+        if via_f16 and b.dtype == jnp.int8:  # `TuningConfig.int8_via_f16`
+            b, dtype = _int8_as_f16(b), jnp.float16
         return jax.lax.dot_general(
-            a.astype(compute_dtype),
-            b.astype(compute_dtype),
+            a.astype(dtype),
+            b.astype(dtype),
             (((1,), (contract_b,)), ((), ())),
             precision=precision,
             preferred_element_type=jnp.float32,
@@ -444,6 +462,7 @@ def _triton_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: TuningC
             head_dim=d,
             compute_dtype=compute,
             precision=precision,
+            via_f16=cfg.int8_via_f16 and compute != np.dtype(jnp.float32),
         ),
         grid=(b, hkv, splits),
         in_specs=specs,
@@ -657,17 +676,19 @@ def tune_candidates(batch: int, hkv: int, pages: int) -> list[TuningConfig | Mos
     time budget still compares the two lowerings): split counts around the default's, Triton
     launch parameters and pages per step, and Mosaic GPU pipeline depths and step sizes. The
     benchmark drops Mosaic GPU configs for pages that path does not read
-    (:func:`mosaic_unsupported`)."""
+    (:func:`mosaic_unsupported`), and `int8_via_f16` configs for pages other than int8."""
     auto = _splits(TuningConfig(), batch, hkv, pages)
     # the default's split count first: a sweep cut short by its time budget has tried it
     splits = [sp for sp in dict.fromkeys((auto, 2 * auto, max(1, auto // 2), 4 * auto))
               if sp <= pages]  # fmt: skip
-    out = [TuningConfig(), MosaicConfig(), MosaicConfig(block_tokens=128)]
+    out = [TuningConfig(), MosaicConfig(), TuningConfig(int8_via_f16=True)]
+    out.append(MosaicConfig(block_tokens=128))
     for sp in splits:
         out += [
             TuningConfig(num_splits=sp, num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 3))
         ]
         out.append(TuningConfig(num_splits=sp, pages_per_step=2))
+        out.append(TuningConfig(num_splits=sp, int8_via_f16=True))
         out.append(MosaicConfig(num_splits=sp, max_concurrent_steps=4))
     return list(dict.fromkeys(out))
 
@@ -725,10 +746,13 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), first_o
                 return common.time_per_call(fn, sets, iters=iters), err
 
             cands = []
+            if kind == "int8" and not tune:  # the conversion option, also in untuned runs
+                cands = [TuningConfig(int8_via_f16=True)]
             if tune:
                 cands = tune_candidates(b, hkv, tables.shape[1])
                 cands = [c for c in cands if not isinstance(c, MosaicConfig)
                          or mosaic_unsupported(qs[0], k, v, c) is None]  # fmt: skip
+                cands = [c for c in cands if kind == "int8" or not getattr(c, "int8_via_f16", 0)]
                 cands = cands[:3] if smoke else cands
                 if ci:
                     cands = winners.get(name, [])
