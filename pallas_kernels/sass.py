@@ -1,0 +1,168 @@
+"""What a Triton kernel compiles to for an H100, on a machine without a GPU.
+
+    pip install triton       # its compiler, ptxas and cuobjdump (not a jqtz dependency)
+    python -m pallas_kernels.sass w4a16 --m 1                      # the decode GEMV, N = K = 8192
+    python -m pallas_kernels.sass w4a16 --m 1 --config "TuningConfig(block_n=128, split_k=16)"
+    python -m pallas_kernels.sass decode_attention --kind int8     # B 8, 32/8 heads, D 128, 16k
+
+The kernel is lowered for an H100 as CI lowers it (`common.lower_for_cuda`), the Triton IR
+that Pallas hands to XLA is taken from the lowering, and the `triton` package compiles it for
+sm_90 with the config's warps and stages. Printed: registers per thread and shared memory per
+block (which bound the blocks per SM), and the instruction mix of the innermost loop's body (one
+step of the kernel's loop) by opcode. XLA compiles the same IR with its own Triton build, so
+the numbers approximate what runs on the GPU; they are a reading of the code, not a timing.
+
+Example (needs the `triton` package; prints "triton is not installed" otherwise):
+  >>> from pallas_kernels import sass
+  >>> sass.loop_mix("  /*0010*/  @P0 LDG.E R1, desc[UR4][R2.64] ;\\n"
+  ...               "  /*0020*/  HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\\n"
+  ...               "  /*0030*/  @P1 BRA 0x10 ;")
+  (3, {'LDG': 1, 'HMMA': 1, 'BRA': 1})
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import common
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def triton_modules(fn, *args) -> list[tuple[str, int, int]]:
+    """`(Triton IR text, num_warps, num_stages)` of each Pallas Triton kernel in `fn(*args)`,
+    lowered for an H100 on this machine."""
+    from jax._src.pallas.triton import pallas_call_registration as registration
+
+    lower = registration.lowering.lower_jaxpr_to_triton_module
+    modules = []
+
+    def capture(*a, **k):
+        result = lower(*a, **k)
+        modules.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    registration.lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        text = common.lower_for_cuda(fn, *args)
+    finally:
+        registration.lowering.lower_jaxpr_to_triton_module = lower
+    warps = [int(w) for w in re.findall(r"num_warps = (\d+) : i32", text)]
+    stages = [int(s) for s in re.findall(r"num_stages = (\d+) : i32", text)]
+    return list(zip(modules, warps, stages, strict=True))
+
+
+def compile_sm90(ir: str, num_warps: int, num_stages: int) -> tuple[int, str, str]:
+    """`(shared memory bytes, resource usage, SASS)` of Triton IR compiled for sm_90 by the
+    `triton` package."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = pathlib.Path(tmp) / "kernel.ttir"
+        src.write_text(ir)
+        kernel = triton.compile(
+            str(src),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": num_warps, "num_stages": num_stages},
+        )
+        cubin = pathlib.Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        run = lambda *a: subprocess.run([str(tool), *a, str(cubin)], capture_output=True,
+                                        text=True, check=True).stdout  # fmt: skip
+        return kernel.metadata.shared, run("--dump-resource-usage"), run("--dump-sass")
+
+
+def loop_mix(sass: str) -> tuple[int, dict[str, int]]:
+    """`(instructions, {opcode: count})` of the innermost loop's body: the instructions from a
+    backward branch's target to the branch, the last such loop in the code."""
+    instrs = [(int(m.group(1), 16), m.group(2)) for m in _INSTR.finditer(sass)]
+    loop = None
+    for addr, text in instrs:
+        target = re.search(r"\bBRA (0x[0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            loop = (int(target.group(1), 16), addr)
+    if loop is None:
+        return 0, {}
+    body = [t for a, t in instrs if loop[0] <= a <= loop[1]]
+    ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body]
+    return len(body), dict(collections.Counter(ops).most_common())
+
+
+def _w4a16(args):
+    import jqtz
+    from pallas_kernels import w4a16
+    from pallas_kernels.w4a16 import TuningConfig  # noqa: F401 (for --config)
+
+    spec = jqtz.QuantSpec(format=f"int{args.bits}", granularity="group", group_size=args.group,
+                          symmetric=False)  # fmt: skip
+    weight = jax.ShapeDtypeStruct((args.k, args.n), jnp.float32)
+    packed = jax.eval_shape(lambda w: w4a16.prepare(jqtz.quantize(w, spec)), weight)
+    cfg = eval(args.config) if args.config else None
+    x = jax.ShapeDtypeStruct((args.m, args.k), jnp.bfloat16)
+    shown = cfg or w4a16.default_config(args.m, args.n, packed.num_groups, bits=args.bits)
+    return shown, lambda x, w: w4a16.matmul(x, w, config=cfg), (x, packed)
+
+
+def _decode_attention(args):
+    from pallas_kernels import decode_attention as da
+    from pallas_kernels.decode_attention import TuningConfig  # noqa: F401 (for --config)
+
+    b, h, hkv, d, page, s = 8, 32, 8, 128, 64, args.context
+    dtype = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn, "float": jnp.bfloat16}[args.kind]
+    codes = jax.ShapeDtypeStruct((b * s // page, page, hkv, d), dtype)
+    scale = None if args.kind == "float" else jax.ShapeDtypeStruct(codes.shape[:3], jnp.float32)
+    pages = da.Pages(codes, scale, None, args.kind)
+    cfg = eval(args.config) if args.config else da.TuningConfig()
+    q = jax.ShapeDtypeStruct((b, h, d), jnp.bfloat16)
+    tables = jax.ShapeDtypeStruct((b, s // page), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((b,), jnp.int32)
+    fn = lambda *a: da.decode_attention(*a, config=cfg)
+    return cfg, fn, (q, pages, pages, lengths, tables)
+
+
+def main(argv=None) -> int:
+    """`python -m pallas_kernels.sass KERNEL [options]`; see the module docstring."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kernel", choices=("w4a16", "decode_attention"))
+    parser.add_argument("--m", type=int, default=1, help="w4a16: rows of x")
+    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--k", type=int, default=8192)
+    parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
+    parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--kind", default="int8", choices=("int8", "fp8", "float"))
+    parser.add_argument("--context", type=int, default=16384)
+    parser.add_argument("--config", help="a TuningConfig(...) expression (default: the kernel's)")
+    args = parser.parse_args(argv)
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("triton is not installed: `pip install triton` (its compiler and cuobjdump)")
+        return 0
+    cfg, fn, fn_args = (_w4a16 if args.kernel == "w4a16" else _decode_attention)(args)
+    print(f"{args.kernel}: {cfg}")
+    for ir, warps, stages in triton_modules(fn, *fn_args):
+        shared, usage, sass = compile_sm90(ir, warps, stages)
+        regs = int(re.search(r"REG:(\d+)", usage).group(1))
+        blocks = min(65536 // (regs * 32 * warps), 232_448 // max(shared, 1), 64 // warps)
+        print(f"  {warps} warps, {stages} stages: {regs} registers per thread, {shared} bytes "
+              f"of shared memory per block: {blocks} blocks per SM at most")  # fmt: skip
+        count, mix = loop_mix(sass)
+        print(f"  innermost loop body: {count} instructions per warp")
+        print("   " + ", ".join(f"{op} {n}" for op, n in mix.items()))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
