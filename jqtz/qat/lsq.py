@@ -80,6 +80,7 @@ def init_learned_scales(params, rules, *, act_scales=None) -> dict:
             entry["zero_point"] = zero.astype(jnp.float32)
         out[d.path] = entry
     if act_scales is not None:
+        decisions = plan.by_path()
         flat, _ = jax.tree_util.tree_flatten_with_path(act_scales, is_leaf=is_qarray)
         for kp, leaf in flat:
             if not isinstance(leaf, QArray) or leaf.act_scale is None:
@@ -95,7 +96,7 @@ def init_learned_scales(params, rules, *, act_scales=None) -> dict:
                     f"{path!r}: static activation ranges of shape {leaf.act_scale.shape}; "
                     "only per-tensor static ranges are learned (granularity='tensor')"
                 )
-            _tree.refuse_stacked(plan.by_path(), [path], what="a learned activation range")
+            _tree.refuse_stacked(decisions, [path], what="a learned activation range")
             out[path]["act_scale"] = leaf.act_scale.astype(jnp.float32).reshape(())
     return _tree.nest(out)
 

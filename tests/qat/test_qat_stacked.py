@@ -1,6 +1,8 @@
 """QAT of stacked layers (Rule `batch_dims`, as `nn.scan` stores them): each layer is fake-
 quantized, given learned scales and converted on its own, as `quantize_params` quantizes it."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -152,3 +154,14 @@ def test_unsupported_stacked_state_is_refused_by_name():
     learned["layers"]["kernel"]["act_scale"] = jnp.ones(())
     with pytest.raises(ValueError, match=r"activation range.*'layers/kernel' is stacked"):
         qat.fake_quant_params(params, RULES, learned=learned)
+
+
+def test_calibrated_ranges_of_stacked_layers_are_refused_by_name():
+    from jqtz.ptq import default_spec
+
+    params = _stacked()
+    rules = [jqtz.Rule(r"layers/kernel", default_spec("smoothquant"), batch_dims=1)]
+    q = jqtz.quantize_params(params, rules)
+    q["layers"]["kernel"] = dataclasses.replace(q["layers"]["kernel"], act_scale=jnp.ones(()))
+    with pytest.raises(ValueError, match=r"activation range.*'layers/kernel' is stacked"):
+        qat.init_learned_scales(params, rules, act_scales=q)
