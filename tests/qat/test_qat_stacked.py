@@ -25,6 +25,22 @@ def _stacked():
     return {"layers": {"kernel": w}, "out": {"kernel": jax.random.normal(ks[1], (64, 8)) / 8}}
 
 
+class Layer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return jnp.tanh(nn.Dense(32)(x)), None
+
+
+class Scanned(nn.Module):
+    """Four `Layer`s under `nn.scan`: kernels `[4, 32, 32]`."""
+
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                        length=4)  # fmt: skip
+        return stack()(x, None)[0]
+
+
 def _per_layer(fn, params):
     """`fn(params, rules)` for each layer alone (an unstacked rule), stacked back."""
     rules = [jqtz.Rule(r"layers/kernel", SPEC), RULES[1]]
@@ -81,18 +97,6 @@ def test_learned_scales_train_and_convert_per_layer():
 def test_scanned_linen_model_trains_under_jit():
     """`nn.scan` over 4 Dense layers: one jitted QAT step through the fake-quantized stack."""
 
-    class Layer(nn.Module):
-        @nn.compact
-        def __call__(self, x, _):
-            return jnp.tanh(nn.Dense(32)(x)), None
-
-    class Scanned(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            stack = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                            length=4)  # fmt: skip
-            return stack()(x, None)[0]
-
     x = jax.random.normal(jax.random.key(0), (8, 32))
     params = Scanned().init(jax.random.key(1), x)
     rules = [jqtz.Rule(r".*/kernel", SPEC, batch_dims=1)]
@@ -120,18 +124,6 @@ def test_scanned_w8a8_activations_serve_what_they_trained():
     """Dynamic activation fake quantization inside `nn.scan` (W8A8, per-layer weights): the
     converted stack served with `quantized_ops` gives the training forward's outputs."""
     from jqtz.ptq import default_spec
-
-    class Layer(nn.Module):
-        @nn.compact
-        def __call__(self, x, _):
-            return jnp.tanh(nn.Dense(32)(x)), None
-
-    class Scanned(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            stack = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                            length=4)  # fmt: skip
-            return stack()(x, None)[0]
 
     x = jax.random.normal(jax.random.key(0), (8, 32))
     params = Scanned().init(jax.random.key(1), x)
