@@ -330,9 +330,4 @@ def test_batch_dims_errors_name_the_problem():
         jqtz.quantize_params({"w": jnp.ones((3, 4))}, [jqtz.Rule("w", INT8, batch_dims=2)])
     with pytest.raises(ValueError, match="batch_dims"):
         jqtz.quantize(jnp.ones((3, 4)), INT8, batch_dims=2)
-    stacked = {"w": jnp.ones((3, 64, 64))}
-    rules = [jqtz.Rule("w", INT8, batch_dims=1)]
-    from jqtz import qat
-
-    with pytest.raises(ValueError, match="stacked layers"):
-        qat.fake_quant_params(stacked, rules)
+    # QAT's refusals for stacked layers: tests/qat/test_qat_stacked.py
