@@ -455,7 +455,11 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import jqtz
+
     model = load_model(args.model, tokenizer=args.tokenizer, quiet=args.json)
+    # W8A8 codes as the 8-bit products read them (no transposition per product on a GPU)
+    model = dataclasses.replace(model, params=jqtz.nn.serving_layout(model.params))
     result = _eval_llama(model, args) if model.kind == "llama" else _eval_bert(model, args)
     if args.json:
         _print_json(result)
