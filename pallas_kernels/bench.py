@@ -1,6 +1,6 @@
 """All kernel benchmarks in one run on a GPU: check, time, tune, summarise.
 
-    python -m pallas_kernels.bench --out DIR             # on a GPU: the defaults (one 10-min call)
+    python -m pallas_kernels.bench --only w8a8 --out DIR  # on a GPU: one kernel's defaults
     python -m pallas_kernels.bench --only w4a16 --first-shape --no-checks --tune --budget-s 200
                                                          # a tuning call for one kernel
     python -m pallas_kernels.bench --smoke --tune        # anywhere: tiny shapes, interpreter

@@ -64,15 +64,15 @@ def init_amax_history(params, rules, *, length: int = 16) -> dict:
         raise ValueError(f"`length` must be a positive int, got {length!r}")
     out: dict[str, dict] = {}
     plan = rules_lib.plan(params, rules)
+    decisions = plan.by_path()
     for d in plan.decisions:
         entry = {}
         if _is_fp8_tensor(d.spec):
             entry["weight"] = jnp.zeros((length,), jnp.float32)
         if d.spec is not None and _is_fp8_tensor(d.spec.activation):
             entry["input"] = jnp.zeros((length,), jnp.float32)
-        if entry and d.batch_dims:
-            _tree.refuse_stacked({d.path: d}, [d.path], what="FP8 delayed scaling (amax_history)")
         if entry:
+            _tree.refuse_stacked(decisions, [d.path], what="FP8 delayed scaling (amax_history)")
             out[d.path] = entry
     if not out:
         raise ValueError(
