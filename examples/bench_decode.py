@@ -7,8 +7,9 @@ generates `--new` tokens after a `--prompt`-token prompt with `jqtz.models.llama
 tokens/s (batch x new tokens / time of the whole generate call minus a prefill-only call), the
 weight bytes, and which path the matrix products and the attention took (Pallas kernel or XLA).
 W4A16 weights come symmetric (`w4a16`) and with zero points (`w4a16-zp`, jqtz's PTQ default
-below 8 bits). Quantized cases run with jqtz's Pallas kernels on and off
-(`jqtz.nn.use_pallas_kernels`), so the XLA path on the same weights and cache is measured in the
+below 8 bits), and the latter also stored K-major (`w4a16-zp-km`: `jqtz.nn.serving_layout(tree,
+k_major_4bit=True)`, read by `pallas_kernels.w4a16_kmajor`). Quantized cases run with jqtz's
+Pallas kernels on and off (`jqtz.nn.use_pallas_kernels`), so the XLA path on the same weights and cache is measured in the
 same run, and the int8-cache cases also with the Mosaic GPU lowering preferred
 (`lowering="mosaic"`).
 
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     # beat), and for the int8 cache with the Mosaic GPU lowering preferred ("mosaic": its
     # decode attention on a Hopper GPU; the batch-1 products stay on Triton's GEMV).
     cases = [("bf16", "bf16", "on"), ("w4a16", "bf16", "on"), ("w4a16", "bf16", "off")]
-    cases += [("w4a16-zp", "bf16", "on")]
+    cases += [("w4a16-zp", "bf16", "on"), ("w4a16-zp-km", "bf16", "on")]
     cases += [(w, "int8", k) for w in ("bf16", "w4a16") for k in ("on", "mosaic", "off")]
     skip = {tuple(c.split("/")) for c in args.skip.split(",") if c}
     if skip - set(cases):
@@ -81,15 +82,17 @@ def main(argv=None) -> int:
     spec = jqtz.QuantSpec(
         format="int4", granularity="group", group_size=128, scale_dtype="bfloat16"
     )
+    zp = jqtz.quantize_params(
+        params, [jqtz.Rule(r".*", dataclasses.replace(spec, symmetric=False))]
+    )
     weights = {  # symmetric codes, and with zero points (jqtz's PTQ default below 8 bits)
         "bf16": params,
         "w4a16": jqtz.quantize_params(params, [jqtz.Rule(r".*", spec)]),
-        "w4a16-zp": jqtz.quantize_params(
-            params, [jqtz.Rule(r".*", dataclasses.replace(spec, symmetric=False))]
-        ),
+        "w4a16-zp": zp,
+        "w4a16-zp-km": jqtz.nn.serving_layout(zp, k_major_4bit=True),
     }
     print(common.bench_header(f"batch {args.batch}, prompt {args.prompt}, new {args.new}"))
-    print(f"{'weights':>8} {'cache':>6} {'kernels':>7} {'weight MiB':>11} {'tokens/s':>9}  paths")
+    print(f"{'weights':>11} {'cache':>6} {'kernels':>7} {'weight MiB':>11} {'tokens/s':>9}  paths")
     failed = 0
     for name, cache, kernels in (c for c in cases if c not in skip):
         p = weights[name]
@@ -99,7 +102,7 @@ def main(argv=None) -> int:
             return jax.block_until_ready(generate(model, p, prompt, n, **factory))
 
         lowering = "mosaic" if kernels == "mosaic" else "auto"
-        row = f"{name:>8} {cache:>6} {kernels:>7} {_bytes(p) / 2**20:11.1f}"
+        row = f"{name:>11} {cache:>6} {kernels:>7} {_bytes(p) / 2**20:11.1f}"
         try:
             with jqtz.nn.use_pallas_kernels(kernels != "off", lowering=lowering):
                 run(1), run(args.new)  # compile both

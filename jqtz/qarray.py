@@ -10,9 +10,12 @@ Invariants (checked by `QArray.validate`), for logical shape `shape` and block s
   format's container dtype. Dequantized value = (code - zero_point) * scale.
 - Leaves may carry extra *leading* dimensions beyond `shape` (a batch of QArrays, as `vmap`
   or stacked layers produce); every operation applies per batch element.
-- `transposed` (a serving layout, `with_transposed_codes`; 2-D unpacked codes only): `qvalue`
-  holds the codes of a `[K, N]` array as `[N, K]`, the layout 8-bit tensor-core products read
-  (`jqtz.nn.serving_layout`). `codes()` and `dequantize()` return the logical layout.
+- `transposed` (a serving layout, `with_transposed_codes`; 2-D arrays of 8-bit or 4-bit integer
+  codes): `qvalue` holds the codes of a `[K, N]` array as `[N, K]`, the layout the H100's
+  tensor-core products read for a weight (`jqtz.nn.serving_layout`). 4-bit codes are then
+  packed along K (two per byte, even k in the low nibble) in two's complement: unsigned codes
+  are stored as `code - 8` (their top bit flipped), which the kernels convert to 16 bits
+  without a subtraction. `codes()` and `dequantize()` return the logical layout and codes.
 
 Example:
   >>> import jax, jax.numpy as jnp, jqtz
@@ -56,7 +59,8 @@ class QArray:
         `perm` of the logical array, in that order, so that groups along axis 0 are contiguous
         in processing order; `dequantize` puts the rows back (`g_idx[perm[j]] = j // group`).
       transposed: the codes of this `[K, N]` array are stored `[N, K]` (static; scales, zero
-        points and `shape` keep the logical layout). See `with_transposed_codes`.
+        points and `shape` keep the logical layout; 4-bit codes packed along K in two's
+        complement). See `with_transposed_codes`.
     """
 
     qvalue: jax.Array
@@ -165,12 +169,14 @@ class QArray:
         """This array with its codes stored `[N, K]` (`transposed=True`) or `[K, N]`: the same
         values, one copy of the codes (none when the layout already matches).
 
-        `[N, K]` is what the H100's 8-bit tensor-core instructions read for the weight of a
-        product (`jqtz.nn.serving_layout` applies it to a tree's W8A8 weights, once);
-        everything else reads either layout.
+        `[N, K]` is what the H100's tensor-core instructions read for the weight of a product:
+        8-bit codes as they are, 4-bit codes packed along K in two's complement (unsigned codes
+        stored as `code - 8`). `jqtz.nn.serving_layout` applies it to a tree's weights, once;
+        every path reads either layout.
 
         Raises:
-          ValueError: for a packed (sub-byte) format or a logical shape that is not 2-D.
+          ValueError: for a logical shape that is not 2-D, or packed codes other than 4-bit
+            integers (int4, uint4).
 
         Example:
           >>> import jax.numpy as jnp, jqtz
@@ -178,29 +184,50 @@ class QArray:
           >>> t = q.with_transposed_codes()
           >>> t.qvalue.shape, t.shape, bool((t.dequantize() == q.dequantize()).all())
           ((32, 64), (64, 32), True)
+          >>> q4 = jqtz.quantize(jnp.ones((64, 32)), jqtz.QuantSpec(format="int4", symmetric=False))
+          >>> q4.qvalue.shape, q4.with_transposed_codes().qvalue.shape  # packed along K
+          ((64, 16), (32, 32))
         """
         if transposed == self.transposed:
             return self
         if transposed:
             self._check_transposable()
-        return dataclasses.replace(
-            self, qvalue=jnp.swapaxes(self.qvalue, -1, -2), transposed=transposed
-        )
+        if not self.format.packed:
+            qvalue = jnp.swapaxes(self.qvalue, -1, -2)
+        elif transposed:  # [N, K] packed along K, two's complement
+            qvalue = _packing.pack(
+                jnp.swapaxes(self.codes(), -1, -2) ^ self._flip, self.format.bits
+            )
+        else:
+            qvalue = _packing.pack(self.codes(), self.format.bits)
+        return dataclasses.replace(self, qvalue=qvalue, transposed=transposed)
+
+    @property
+    def _flip(self) -> int:
+        """What stored transposed 4-bit codes are XORed with: 8 for unsigned (two's complement
+        of `code - 8`), 0 for signed codes."""
+        return 0 if getattr(self.format, "signed", True) else 2 ** (self.format.bits - 1)
 
     def _check_transposable(self) -> None:
-        if self.format.packed or self.ndim != 2:
+        fmt = self.format
+        four_bit_int = isinstance(fmt, formats.IntFormat) and fmt.bits == 4
+        if self.ndim != 2 or (fmt.packed and not four_bit_int):
             raise ValueError(
-                f"QArray.transposed: only 2-D arrays of unpacked (8-bit) codes can store their "
-                f"codes transposed; this one is {self.format.name} with shape {self.shape}"
+                f"QArray.transposed: only 2-D arrays of 8-bit or 4-bit integer codes can store "
+                f"their codes transposed; this one is {fmt.name} with shape {self.shape}"
             )
 
     def codes(self) -> jax.Array:
         """Unpacked codes in the format's container dtype, logical trailing shape."""
+        fmt = self.format
+        signed = isinstance(fmt, formats.IntFormat) and fmt.signed
+        if self.transposed and fmt.packed:  # [N, K] packed along K, two's complement
+            values = _packing.unpack(self.qvalue, fmt.bits, self.shape[0], signed=signed)
+            return jnp.swapaxes(values if signed else values ^ jnp.uint8(self._flip), -1, -2)
         if self.transposed:
             return jnp.swapaxes(self.qvalue, -1, -2)
-        if self.format.packed:
-            signed = isinstance(self.format, formats.IntFormat) and self.format.signed
-            return _packing.unpack(self.qvalue, self.format.bits, self.shape[-1], signed=signed)
+        if fmt.packed:
+            return _packing.unpack(self.qvalue, fmt.bits, self.shape[-1], signed=signed)
         return self.qvalue
 
     def scale_values(self) -> jax.Array:
@@ -243,11 +270,11 @@ class QArray:
                 f"got {self.qvalue.dtype}"
             )
         want = self.shape
-        if fmt.packed and self.ndim:
-            want = (*self.shape[:-1], _packing.packed_length(self.shape[-1], fmt.bits))
         if self.transposed:
             self._check_transposable()
             want = want[::-1]
+        if fmt.packed and self.ndim:
+            want = (*want[:-1], _packing.packed_length(want[-1], fmt.bits))
         if tuple(self.qvalue.shape[self.qvalue.ndim - self.ndim :]) != want:
             raise ValueError(
                 f"QArray.qvalue trailing shape must be {want} for logical shape {self.shape} "

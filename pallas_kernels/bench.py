@@ -107,6 +107,10 @@ def summary(rows, failures, *, judge: bool = True, checks=()) -> str:
     return "\n".join(lines)
 
 
+#: Result fields that hold a config dataclass (written to results.json as dicts).
+_CONFIG_KEYS = ("config", "k_major_config")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=pathlib.Path, default=None, help="folder for the outputs")
@@ -167,7 +171,7 @@ def main(argv=None) -> int:
             report(traceback.format_exc())
         if args.out is not None:
             records = [
-                {**r, "config": dataclasses.asdict(r["config"]),
+                {**r, **{key: dataclasses.asdict(r[key]) for key in _CONFIG_KEYS if r.get(key)},
                  "config_type": type(r["config"]).__name__}  # TuningConfig, MosaicConfig
                 for r in rows
             ]  # fmt: skip

@@ -3,6 +3,7 @@
     pip install triton       # its compiler, ptxas and cuobjdump (not a jqtz dependency)
     python -m pallas_kernels.sass w4a16 --m 1                      # the decode GEMV, N = K = 8192
     python -m pallas_kernels.sass w4a16 --m 1 --config "TuningConfig(block_n=128, split_k=16)"
+    python -m pallas_kernels.sass w4a16 --m 1 --k-major            # codes stored [N, K/2]
     python -m pallas_kernels.sass decode_attention --kind int8     # B 8, 32/8 heads, D 128, 16k
 
 The kernel is lowered for an H100 as CI lowers it (`common.lower_for_cuda`), the Triton IR
@@ -107,7 +108,10 @@ def _w4a16(args):
     spec = jqtz.QuantSpec(format=f"int{args.bits}", granularity="group", group_size=args.group,
                           symmetric=False)  # fmt: skip
     weight = jax.ShapeDtypeStruct((args.k, args.n), jnp.float32)
-    packed = jax.eval_shape(lambda w: w4a16.prepare(jqtz.quantize(w, spec)), weight)
+    q = jax.eval_shape(lambda w: jqtz.quantize(w, spec), weight)
+    if args.k_major:
+        q = jax.eval_shape(lambda q: q.with_transposed_codes(), q)
+    packed = jax.eval_shape(w4a16.prepare, q)
     cfg = eval(args.config) if args.config else None
     x = jax.ShapeDtypeStruct((args.m, args.k), jnp.bfloat16)
     shown = cfg or w4a16.default_config(args.m, args.n, packed.num_groups, bits=args.bits)
@@ -140,6 +144,7 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=8192)
     parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--k-major", action="store_true", help="w4a16: 4-bit codes stored K-major")
     parser.add_argument("--kind", default="int8", choices=("int8", "fp8", "float"))
     parser.add_argument("--context", type=int, default=16384)
     parser.add_argument("--config", help="a TuningConfig(...) expression (default: the kernel's)")

@@ -57,7 +57,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jqtz import _packing
-from pallas_kernels import common, w4a16_mosaic
+from pallas_kernels import common, w4a16_kmajor, w4a16_mosaic
 
 # The Mosaic GPU lowering's config and predicates, re-exported: one W4A16 entry point.
 from pallas_kernels.w4a16_mosaic import (
@@ -80,6 +80,7 @@ __all__ = [
     "check_ragged",
     "default_config",
     "dequantize",
+    "k_major_candidates",
     "kernel_group",
     "main",
     "matmul",
@@ -198,6 +199,9 @@ class PackedWeight:
       group: the kernel group `kg`: rows per inner step, a power of two that divides `qgroup`.
       k, n: logical shape.
       dtype: the QArray's dequantized dtype.
+      k_major: the codes are 4-bit, stored `[N, ceil(K/2)]` packed along K in two's complement
+        (a transposed `QArray`; unsigned codes as `code - 8`), read by
+        `pallas_kernels.w4a16_kmajor`.
     """
 
     codes: jax.Array
@@ -212,6 +216,7 @@ class PackedWeight:
     n: int
     dtype: np.dtype
     levels: tuple[float, ...] | None = None
+    k_major: bool = False
 
     @property
     def k_padded(self) -> int:
@@ -227,7 +232,7 @@ class PackedWeight:
 jax.tree_util.register_dataclass(
     PackedWeight,
     data_fields=["codes", "scale", "zero", "perm"],
-    meta_fields=["bits", "signed", "qgroup", "group", "k", "n", "dtype", "levels"],
+    meta_fields=["bits", "signed", "qgroup", "group", "k", "n", "dtype", "levels", "k_major"],
 )
 
 
@@ -256,8 +261,8 @@ def supports_qarray(qarray) -> str | None:
         return f"shape {qarray.shape} with batch {qarray.batch_shape} (need one 2-D [K, N])"
     if qarray.act is not None:
         return "quantized activations (use the w8a8 kernel)"
-    if qarray.transposed:
-        return "codes stored transposed, [N, K] (the kernel reads [K, N])"
+    if qarray.transposed and fmt.bits != 4:
+        return "8-bit codes stored transposed, [N, K] (the kernel reads them [K, N])"
     if qarray.block_shape[1] != 1:
         return f"block_shape {qarray.block_shape}: groups must run along K only"
     if kernel_group(qarray.shape, qarray.block_shape) is None:
@@ -303,6 +308,7 @@ def prepare(qarray) -> PackedWeight:
         n,
         np.dtype(qarray.dtype),
         getattr(fmt, "table", None),
+        qarray.transposed,
     )
 
 
@@ -492,6 +498,9 @@ def matmul(
         common.require_hopper_for_mosaic(interpret)
         y = w4a16_mosaic.matmul_rows(x2, w, cfg, out_dtype=out_dtype, interpret=interpret)
         return y.reshape(*lead, w.n)
+    if w.k_major:
+        y = w4a16_kmajor.matmul_rows(x2, w, cfg, out_dtype=out_dtype, interpret=interpret)
+        return y.reshape(*lead, w.n)
     if not cfg.tensor_cores and m > MAX_FMA_ROWS:
         raise ValueError(
             f"TuningConfig(tensor_cores=False) takes at most {MAX_FMA_ROWS} rows of `x` (one "
@@ -581,7 +590,10 @@ def _code_name(w: PackedWeight) -> str:
 def dequantize(w: PackedWeight) -> jax.Array:
     """The float32 weight `[K, N]` in stored row order (before undoing `perm`)."""
     codes = w.codes
-    if w.bits < 8:  # jqtz's own unpacking: the reference does not share the kernel's
+    if w.k_major:  # [N, K] two's complement (unsigned codes - 8), packed along K
+        twos = _packing.unpack(codes, w.bits, w.k, signed=True).astype(jnp.int32)
+        codes = (twos if w.signed else twos + 2 ** (w.bits - 1)).T
+    elif w.bits < 8:  # jqtz's own unpacking: the reference does not share the kernel's
         codes = _packing.unpack(codes, w.bits, w.n, signed=w.signed).astype(jnp.int32)
     rows = jnp.arange(w.k) // w.qgroup
     vals = codes.astype(jnp.float32)
@@ -667,11 +679,28 @@ def tune_candidates(m: int, n: int, num_groups: int, *, bits: int = 4) -> list:
     return list(dict.fromkeys(c for c in out if fits(c)))
 
 
+def k_major_candidates(m: int, n: int, num_groups: int) -> list[TuningConfig]:
+    """The configs the benchmark tries on K-major codes (`PackedWeight.k_major`), the default
+    first: for decode, 256, 128 and 64 columns with 8 or 4 warps (K split as the default does);
+    above, the default and 128 x 128 tiles."""
+    out = [default_config(m, n, num_groups)]
+    if m <= SMALL_M:
+        for bn, warps in ((256, 8), (128, 8), (128, 4), (64, 4)):
+            split = _auto_split(m, n, num_groups, 16, bn)
+            out.append(TuningConfig(block_n=bn, split_k=split, num_warps=warps, fold_zero=True))
+    else:
+        split = _auto_split(m, n, num_groups, 128, 128)
+        out.append(TuningConfig(block_m=128, block_n=128, split_k=split, num_warps=8,
+                                fold_zero=True))  # fmt: skip
+    return list(dict.fromkeys(out))
+
+
 def check_ragged(report, *, smoke=False) -> list[dict]:
     """Correctness only, no timing: the default configs on `common.RAGGED_SHAPES`, M = 1 and 64,
     with zero-point int4 (groups of 128), NF4 (groups of 64, double-quantized), zero-point
-    3-bit (groups of 128: words of 3 bytes), symmetric 2-bit (groups of 64) and FP8 e4m3
-    weight-only (groups of 128) weights, against `reference`. On a GPU this is where the
+    3-bit (groups of 128: words of 3 bytes), symmetric 2-bit (groups of 64), FP8 e4m3
+    weight-only (groups of 128) and zero-point int4 stored K-major (`QArray.transposed`)
+    weights, against `reference`. On a GPU this is where the
     masked K and N tails are compiled and run; `smoke` runs the first shape in the
     interpreter. Returns one dict per case."""
     import jqtz
@@ -692,8 +721,9 @@ def check_ragged(report, *, smoke=False) -> list[dict]:
     rows = []
     for si, (k, n) in enumerate(common.RAGGED_SHAPES[: 1 if smoke else None]):
         w = jax.random.normal(jax.random.key(si), (k, n), jnp.float32)
-        for name, spec in specs.items():
-            pw = prepare(jqtz.quantize(w, spec))
+        for name, spec in [*specs.items(), ("uint4 g128 k-major", specs["uint4 g128"])]:
+            q = jqtz.quantize(w, spec)
+            pw = prepare(q.with_transposed_codes() if name.endswith("k-major") else q)
             for m in (1, 64):
                 x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
                 err = common.relative_error(matmul(x, pw, interpret=smoke), reference(x, pw))
@@ -715,7 +745,9 @@ def benchmark(
 ):
     """Time the kernel against the bf16 XLA product and against XLA's own product on the same
     QArray (`xla us`: jqtz's weight-only path with the kernels off, what `dispatch` falls back
-    to); with `tune`, sweep `tune_candidates`.
+    to); with `tune`, sweep `tune_candidates`. For 4-bit codes, `k-major us` times the same
+    weight stored K-major (`QArray.with_transposed_codes`, `w4a16_kmajor`): its default
+    config, or with `tune` the best of `k_major_candidates`.
 
     The weights have zero points (uint4/uint8 codes, jqtz's PTQ default below 8 bits) unless
     `symmetric`.
@@ -739,8 +771,8 @@ def benchmark(
     grid = "symmetric" if symmetric else "zero points"
     report(f"w{bits}a16, groups of {group}, {grid}; copy {bw / 1e9:.0f} GB/s")
     report(f"{'M':>5} {'N':>6} {'K':>6} {'default us':>10} {'best us':>8} {'bf16 us':>8} "
-           f"{'xla us':>8} {'speedup':>7} {'GB/s':>6} {'of copy':>7} {'rel err':>8}  "
-           "best config")  # fmt: skip
+           f"{'xla us':>8} {'k-major us':>10} {'speedup':>7} {'GB/s':>6} {'of copy':>7} "
+           f"{'rel err':>8}  best config")  # fmt: skip
     rows, winners = [], {}
     for si, (n, k) in enumerate(shapes):
         w = jax.random.normal(jax.random.key(si), (k, n), jnp.float32)
@@ -757,6 +789,7 @@ def benchmark(
         ]
         wbs = [wb] + [jnp.copy(wb) for _ in range(common.copies_to_miss_cache(wb.nbytes) - 1)]
         qs = [jax.tree.map(jnp.copy, q) for _ in pws] if not smoke else [q]
+        kms = [prepare(a.with_transposed_codes()) for a in qs] if bits == 4 else []
         shape_best = {}
         for m in ms:
             # many calls per program for short products: host timing noise shrinks per call
@@ -790,6 +823,15 @@ def benchmark(
                 jnp.dot, [(xs[i], wbs[i % len(wbs)]) for i in range(calls)], iters=iters
             )
             t, cfg, err = best
+            t_km = km_cfg = km_err = None
+            if kms:  # the same weight stored K-major
+                km_sets = [(xs[i], kms[i % len(kms)]) for i in range(calls)]
+                km_cands = k_major_candidates(m, pw.n, pw.num_groups)
+                _, (t_km, km_cfg, km_err), _ = common.best_config(
+                    report, label + " k-major", km_cands[0],
+                    km_cands[1:] if tune and m in tune_ms else [],
+                    lambda c, sets=km_sets, ref=ref: measure(c, sets, ref), deadline=deadline,
+                )  # fmt: skip
             with jqtz.nn.use_pallas_kernels(False):  # XLA's own path for the same QArray
                 t_xla = common.time_per_call(
                     lambda x, q: jqtz.nn.dot_general(x, q, (((1,), (0,)), ((), ()))),
@@ -800,11 +842,18 @@ def benchmark(
             row = dict(kernel=f"w{bits}a16", symmetric=symmetric, m=m, n=n, k=k, us=t * 1e6,
                        default_us=t_base * 1e6,
                        baseline_us=t_bf16 * 1e6, xla_us=t_xla * 1e6, speedup=t_bf16 / t,
-                       roofline=moved / t / bw, rel_err=err, config=cfg)  # fmt: skip
+                       roofline=moved / t / bw, rel_err=err, config=cfg,
+                       k_major_us=None if t_km is None else t_km * 1e6,
+                       k_major_config=km_cfg, k_major_rel_err=km_err)  # fmt: skip
             rows.append(row)
+            km = "-" if t_km is None else f"{t_km * 1e6:.1f}"
+            if km_err is not None and not km_err <= common.ERROR_BOUND:
+                report(f"  {label} k-major {km_cfg}: rel err {km_err:.1e} over the bound")
+                km, t_km = "wrong", None
             report(f"{m:5d} {n:6d} {k:6d} {t_base * 1e6:10.1f} {t * 1e6:8.1f} {t_bf16 * 1e6:8.1f} "
-                   f"{t_xla * 1e6:8.1f} {t_bf16 / t:7.2f} {moved / t / 1e9:6.0f} "
-                   f"{moved / t / bw:7.2f} {err:8.1e}  {cfg}")  # fmt: skip
+                   f"{t_xla * 1e6:8.1f} {km:>10} {t_bf16 / t:7.2f} {moved / t / 1e9:6.0f} "
+                   f"{moved / t / bw:7.2f} {err:8.1e}  {cfg}"
+                   + ("" if km_cfg is None else f"; k-major: {km_cfg}"))  # fmt: skip
     return rows
 
 

@@ -154,6 +154,11 @@ def mosaic_unsupported(w: PackedWeight) -> str | None:
 
     It needs 4-bit codes, no act-order permutation and a group size that is a multiple of 64.
     """
+    if w.k_major:
+        return (
+            "a w4a16.MosaicConfig reads codes packed along N; this weight's are stored K-major "
+            "(QArray.transposed)"
+        )
     if w.bits != 4 or w.levels or w.perm is not None or _tile_k(w) is None:
         return (
             "a w4a16.MosaicConfig needs 4-bit integer codes (not NF4), no act-order permutation "

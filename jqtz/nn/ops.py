@@ -186,7 +186,7 @@ def use_pallas_kernels(enabled: bool = True, *, lowering: str = "auto", interpre
         jax.clear_caches()
 
 
-def serving_layout(tree):
+def serving_layout(tree, *, k_major_4bit: bool = False):
     """`tree` with the codes of its W8A8 weights stored `[N, K]` (`QArray.with_transposed_codes`),
     the layout NVIDIA's 8-bit tensor-core products read: call it once after loading or
     quantizing, before serving.
@@ -199,6 +199,13 @@ def serving_layout(tree):
 
     W8A8 weights here: 2-D `QArray`s of 8-bit codes with quantized activations (`act`).
 
+    Args:
+      tree: a parameter tree with `QArray` leaves.
+      k_major_4bit: also store 2-D weight-only int4/uint4 weights K-major (packed along K, read
+        by `pallas_kernels.w4a16_kmajor`). Off by default until an H100 run shows it faster
+        than the `[K, N]` kernel (`python -m pallas_kernels.bench --only w4a16`, the
+        `k-major us` column).
+
     Example:
       >>> import jax.numpy as jnp, jqtz
       >>> act = jqtz.QuantSpec(format="int8", granularity="channel", axis=-1)
@@ -209,8 +216,16 @@ def serving_layout(tree):
     """
 
     def convert(leaf):
-        w8a8 = isinstance(leaf, QArray) and leaf.act is not None and leaf.ndim == 2
-        return leaf.with_transposed_codes() if w8a8 and not leaf.format.packed else leaf
+        if not isinstance(leaf, QArray) or leaf.ndim != 2:
+            return leaf
+        w8a8 = leaf.act is not None and not leaf.format.packed
+        w4 = (
+            k_major_4bit
+            and leaf.act is None
+            and isinstance(leaf.format, formats.IntFormat)
+            and leaf.format.bits == 4
+        )
+        return leaf.with_transposed_codes() if w8a8 or w4 else leaf
 
     return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, QArray))
 

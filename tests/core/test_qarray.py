@@ -136,14 +136,19 @@ def test_astype_retypes_without_copying():
         q.astype(jnp.int8)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "int4", "uint4"])
 def test_transposed_codes_keep_the_values(fmt):
     """Codes stored `[N, K]`: same values, codes and metadata; the flag survives pytree
     round trips and jit; converting back restores the original codes."""
     w = jax.random.normal(jax.random.key(0), (3, 40, 24))  # a stack of 3 layers
-    q = jqtz.quantize(w[0], QuantSpec(format=fmt))
+    unsigned = fmt == "uint4"
+    fmt = "int4" if unsigned else fmt
+    spec = QuantSpec(format=fmt, symmetric=not unsigned, granularity="group", group_size=8)
+    spec = spec if fmt.endswith("int4") else QuantSpec(format=fmt)
+    q = jqtz.quantize(w[0], spec)
     t = q.with_transposed_codes()
-    assert t.transposed and t.qvalue.shape == (24, 40) and t.shape == (40, 24)
+    stored = (24, 20) if fmt.endswith("int4") else (24, 40)  # 4-bit: packed along K
+    assert t.transposed and t.qvalue.shape == stored and t.shape == (40, 24)
     assert t.with_transposed_codes() is t and "transposed" in repr(t)
     np.testing.assert_array_equal(np.asarray(t.codes()), np.asarray(q.codes()))
     np.testing.assert_array_equal(t.dequantize(), q.dequantize())
@@ -152,15 +157,34 @@ def test_transposed_codes_keep_the_values(fmt):
     leaves, treedef = jax.tree.flatten(t)
     assert jax.tree.unflatten(treedef, leaves).transposed
     np.testing.assert_array_equal(jax.jit(lambda a: a.dequantize())(t), q.dequantize())
-    stacked = jax.vmap(lambda a: jqtz.quantize(a, QuantSpec(format=fmt)))(w)
+    stacked = jax.vmap(lambda a: jqtz.quantize(a, spec))(w)
     st = stacked.with_transposed_codes().validate()
-    assert st.batch_shape == (3,) and st.qvalue.shape == (3, 24, 40)
+    assert st.batch_shape == (3,) and st.qvalue.shape == (3, *stored)
     np.testing.assert_array_equal(st.dequantize(), stacked.dequantize())
 
 
+@pytest.mark.parametrize("fmt", ["int4", "uint4"])
+def test_transposed_4bit_codes_are_packed_along_k_in_twos_complement(fmt):
+    """The stored bytes of a transposed 4-bit array: row n holds column n of the codes, even k
+    in the low nibble, as two's complement (unsigned codes minus 8); an odd K pads the last
+    byte's high nibble."""
+    w = jax.random.normal(jax.random.key(1), (7, 3))
+    q = jqtz.quantize(w, QuantSpec(format="int4", symmetric=fmt == "int4"))
+    t = q.with_transposed_codes().validate()
+    codes = np.asarray(q.codes()).astype(np.int32)  # [7, 3]
+    twos = (codes - (0 if fmt == "int4" else 8)) & 15
+    stored = np.asarray(t.qvalue)  # [3, 4]
+    assert stored.shape == (3, 4)
+    np.testing.assert_array_equal(stored[:, :3] & 15, twos[0:6:2].T)
+    np.testing.assert_array_equal(stored[:, :3] >> 4, twos[1:7:2].T)
+    np.testing.assert_array_equal(stored[:, 3] & 15, twos[6])
+
+
 def test_transposed_codes_are_refused_where_undefined():
-    with pytest.raises(ValueError, match="unpacked"):  # packed along N: no [N, K] words
-        jqtz.quantize(jnp.ones((16, 8)), QuantSpec(format="int4")).with_transposed_codes()
+    with pytest.raises(ValueError, match="4-bit integer"):  # 2-bit and NF4 codes: no layout
+        jqtz.quantize(jnp.ones((16, 8)), QuantSpec(format="int2")).with_transposed_codes()
+    with pytest.raises(ValueError, match="4-bit integer"):
+        jqtz.quantize(jnp.ones((16, 8)), QuantSpec(format="nf4")).with_transposed_codes()
     with pytest.raises(ValueError, match="2-D"):
         jqtz.quantize(jnp.ones((4, 4, 4)), QuantSpec(format="int8")).with_transposed_codes()
     q = jqtz.quantize(jnp.ones((16, 8)), QuantSpec(format="int8"))

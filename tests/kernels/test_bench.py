@@ -29,6 +29,8 @@ def test_smoke_run_writes_every_output(tmp_path):
         assert r["us"] > 0 and r["baseline_us"] > 0
         assert isinstance(r["config"], dict)
         assert r["config_type"] in ("TuningConfig", "MosaicConfig")  # which lowering won
+    w4 = [r for r in records if r["kernel"] == "w4a16"]  # and the same weights stored K-major
+    assert all(r["k_major_us"] > 0 and r["k_major_config"]["block_n"] for r in w4)
     w8 = [r for r in records if r["kernel"].startswith("w8a8")]
     assert all(r["served_us"] > 0 for r in w8)
     # Decode rows too: the serving layout's [N, K] codes below K_MAJOR_ROWS rows.
@@ -36,7 +38,8 @@ def test_smoke_run_writes_every_output(tmp_path):
     checks = json.loads((tmp_path / "checks.json").read_text())
     assert {(c["kernel"], c["case"]) for c in checks} == {
         ("w4a16", "uint4 g128"), ("w4a16", "nf4 g64"), ("w4a16", "uint3 g128"),
-        ("w4a16", "int2 g64"), ("w4a16", "fp8_e4m3 g128"), ("w8a8", "int8"), ("w8a8", "fp8")
+        ("w4a16", "int2 g64"), ("w4a16", "fp8_e4m3 g128"), ("w4a16", "uint4 g128 k-major"),
+        ("w8a8", "int8"), ("w8a8", "fp8")
     }  # fmt: skip
     assert all((c["k"], c["n"]) == common.RAGGED_SHAPES[0] for c in checks)
     assert all(0 < c["rel_err"] <= bench.ERROR_BOUND for c in checks)
@@ -226,7 +229,7 @@ def test_end_to_end_decode_bench_smoke(capsys):
     rows = [line.split() for line in out if "quantized products" in line]
     assert [r[:3] for r in rows] == [
         ["bf16", "bf16", "on"], ["w4a16", "bf16", "on"], ["w4a16", "bf16", "off"],
-        ["w4a16-zp", "bf16", "on"],
+        ["w4a16-zp", "bf16", "on"], ["w4a16-zp-km", "bf16", "on"],
         ["bf16", "int8", "on"], ["bf16", "int8", "mosaic"], ["bf16", "int8", "off"],
         ["w4a16", "int8", "on"], ["w4a16", "int8", "mosaic"], ["w4a16", "int8", "off"],
     ]  # fmt: skip
@@ -244,7 +247,7 @@ def test_end_to_end_decode_bench_skips_cases_and_refuses_unknown_ones(capsys):
     with pytest.raises(SystemExit):
         module.main(["--tiny", "--skip", "w4a16/int4/on"])
     assert "--skip: unknown case(s) [('w4a16', 'int4', 'on')]" in capsys.readouterr().err
-    others = ["bf16/bf16/on", "w4a16/bf16/off", "w4a16-zp/bf16/on"]
+    others = ["bf16/bf16/on", "w4a16/bf16/off", "w4a16-zp/bf16/on", "w4a16-zp-km/bf16/on"]
     others += [f"{w}/int8/{k}" for w in ("bf16", "w4a16") for k in ("on", "mosaic", "off")]
     argv = ["--tiny", "--new", "4", "--prompt", "8", "--skip", ",".join(others)]
     assert module.main(argv) == 0  # only w4a16/bf16/on is left
@@ -276,7 +279,7 @@ def test_end_to_end_decode_bench_keeps_the_other_cases_when_one_fails(capsys, mo
     failed = [line for line in out.splitlines() if "FAILED" in line]
     assert len(failed) == 2 and all("mosaic" in line for line in failed)
     assert "RuntimeError: pretend compile failure second line" in failed[0]
-    assert sum("quantized products" in line for line in out.splitlines()) == 8  # the others ran
+    assert sum("quantized products" in line for line in out.splitlines()) == 9  # the others ran
 
 
 @pytest.mark.parametrize("name", ["w4a16", "w8a8", "decode_attention"])

@@ -50,7 +50,8 @@ def pretend_h100(monkeypatch):
 
 
 #: Weight specs the serving tests run: name -> (method, bits, options).
-SPECS = {"rtn": ("rtn", 4, None), "nf4": ("nf4", 4, None), "rtn-3bit": ("rtn", 3, None),
+SPECS = {"rtn": ("rtn", 4, None), "rtn-k-major": ("rtn", 4, None), "nf4": ("nf4", 4, None),
+         "rtn-3bit": ("rtn", 3, None),
          "rtn-2bit": ("rtn", 2, None), "smoothquant": ("smoothquant", 8, None),
          "fp8-per-tensor": ("fp8", 8, FP8Options(mode="static-per-tensor"))}  # fmt: skip
 
@@ -110,20 +111,22 @@ def _dequantized_logits(config, params, tokens):
         return jax.jit(Llama(config).apply)(params, tokens).astype(jnp.float32)
 
 
-@pytest.mark.parametrize("method", ["rtn", "nf4", "rtn-3bit", "rtn-2bit"])
+@pytest.mark.parametrize("method", ["rtn", "rtn-k-major", "nf4", "rtn-3bit", "rtn-2bit"])
 def test_real_model_through_the_interpreted_kernels_matches_the_xla_path(shared_data, method):
     """stories260K (dim 64, FFN 172: K and N off the tiles) in bfloat16 with default-spec
-    weights (4-bit, NF4, and the 3- and 2-bit grids): logits with every product on the W4A16
-    kernel (interpreted) against XLA's."""
+    weights (4-bit, also stored K-major by `serving_layout`, NF4, and the 3- and 2-bit grids):
+    logits with every product on the W4A16 kernel (interpreted) against XLA's on the tree as
+    quantized."""
     from jqtz.io.llama2c import load_llama2c
 
     config, params = load_llama2c(shared_data / "stories260K.bin")
     config = dataclasses.replace(config, dtype=jnp.bfloat16)
     qparams = jqtz.quantize_params(params, [jqtz.Rule(r".*/kernel", _spec(method))])
+    served = jqtz.nn.serving_layout(qparams, k_major_4bit=method.endswith("k-major"))
     tokens = jnp.asarray([[1, 403, 407, 261, 378, 448, 409, 259, 21, 1, 356, 431]], jnp.int32)
     with jqtz.nn.use_pallas_kernels(interpret=True):
-        paths = decode_paths(config, qparams)
-        kernels = _dequantized_logits(config, qparams, tokens)
+        paths = decode_paths(config, served)
+        kernels = _dequantized_logits(config, served, tokens)
     assert paths.pop("attention") == "xla"  # head dim 8: below the kernel's 16
     assert set(paths.values()) == {"w4a16"} and len(paths) == 7 * config.n_layers
     with jqtz.nn.use_pallas_kernels(False):

@@ -420,3 +420,77 @@ def test_profile_entry_point(capsys):
     assert cfg == w4a16.default_config(1, 256, 2)
     assert w4a16.main(["--profile", "1"]) == 0
     assert "no GPU" in capsys.readouterr().out
+
+
+# -- 4-bit codes stored K-major (QArray.transposed, w4a16_kmajor) -----------------------------
+
+# name: (M, K, N, group, symmetric, config or None)
+K_MAJOR_CASES = {
+    "m1_g128_zero_points": (1, 256, 128, 128, False, None),
+    "m4_g64_sym_split3": (4, 256, 256, 64, True, dict(block_n=64, split_k=3)),
+    "m16_g32_zero_points": (16, 128, 128, 32, False, None),
+    "m1_odd_k201_n100": (1, 201, 100, 64, False, None),
+    "m5_k200_n48_split2": (5, 200, 48, 32, True, dict(block_n=32, split_k=2)),
+    "m20_two_row_tiles": (20, 200, 72, 64, False, dict(block_m=16, block_n=64)),
+    "m64_wide_tiles": (64, 256, 256, 128, False, None),
+    "m70_channel": (70, 192, 128, None, True, dict(block_m=32, block_n=32, split_k=2)),
+    "m3_smollm2_k576_n192": (3, 576, 192, 128, False, None),
+}
+
+
+@pytest.mark.parametrize("act", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", list(K_MAJOR_CASES))
+def test_k_major_interpret_matches_reference(name, act):
+    """The same weight stored K-major gives the product of its `[K, N]` layout: decode tiles
+    (the weight as the first operand), larger tiles, split K, K and N off the tiles, an odd
+    K (a padded last byte), signed and zero-point codes, bf16 and f16 (other magic). The
+    bounds are `fold_zero`'s (test_fold_zero_matches_reference): the base's share of the sums
+    cancels."""
+    m, k, n, group, sym, cfg = K_MAJOR_CASES[name]
+    qw = _qweight(k, n, "int4", group, sym, seed=m)
+    pw = w4a16.prepare(qw.with_transposed_codes())
+    assert pw.k_major and pw.codes.shape == (n, (k + 1) // 2)
+    x = jax.random.normal(jax.random.key(k), (m, k), act)
+    y = w4a16.matmul(x, pw, config=cfg and w4a16.TuningConfig(**cfg, fold_zero=True),
+                     interpret=True)  # fmt: skip
+    ref = w4a16.reference(x, w4a16.prepare(qw))  # the reference on the [K, N] layout
+    np.testing.assert_array_equal(w4a16.dequantize(pw), w4a16.dequantize(w4a16.prepare(qw)))
+    assert y.shape == (m, n) and _rel(y, ref) < (3e-5 if act == jnp.bfloat16 else 1e-3)
+
+
+def test_k_major_act_order_and_refusals():
+    """Act-order permutations gather `x` as on `[K, N]` codes; the CUDA-core path and the
+    Mosaic GPU lowering read codes packed along N and say so."""
+    k, n = 256, 128
+    qw = _qweight(k, n, "int4", 64, False)
+    perm = jax.random.permutation(jax.random.key(6), k).astype(jnp.int32)
+    qp = dataclasses.replace(qw, perm=perm).validate().with_transposed_codes()
+    x = jax.random.normal(jax.random.key(7), (3, k), jnp.bfloat16)
+    y = w4a16.matmul(x, w4a16.prepare(qp), interpret=True)
+    assert _rel(y, x.astype(jnp.float32) @ qp.dequantize(jnp.float32)) < 1e-5
+    pw = w4a16.prepare(qw.with_transposed_codes())
+    with pytest.raises(ValueError, match="K-major"):
+        w4a16.matmul(x, pw, config=w4a16.TuningConfig(tensor_cores=False), interpret=True)
+    assert "K-major" in w4a16.mosaic_unsupported(pw)
+
+
+@pytest.mark.parametrize("m", [1, 16, 100])
+def test_k_major_lowers_for_cuda(m):
+    qw = _qweight(300, 200, "int4", 64, False, scale_dtype="bfloat16").with_transposed_codes()
+    x = jax.ShapeDtypeStruct((m, 300), jnp.bfloat16)
+    fn = functools.partial(w4a16.matmul, out_dtype=jnp.bfloat16)
+    text = common.lower_for_cuda(fn, x, w4a16.prepare(qw))
+    assert text.count(common.TRITON_CUSTOM_CALL) == 1
+
+
+def test_k_major_weight_takes_the_kernel_and_xla_agrees():
+    """A served K-major weight goes to the W4A16 kernel on a GPU (and to XLA elsewhere, where
+    `dequantize` reads the same codes)."""
+    qw = _qweight(256, 128, "int4", 128, False).with_transposed_codes()
+    x = jax.random.normal(jax.random.key(2), (2, 256), jnp.bfloat16)
+    gpu = dict(backend="gpu", compute_capability=(9, 0))
+    assert dispatch.kernel_for(x, qw, **gpu) == "w4a16"
+    assert dispatch.kernel_for(x[:1].repeat(64, 0), qw, lowering="mosaic", **gpu) == "w4a16"
+    y = dispatch.maybe_matmul(x, qw, interpret=True, **gpu)
+    xla = x.astype(jnp.float32) @ qw.dequantize(jnp.float32)
+    assert _rel(y, xla) < 1e-2

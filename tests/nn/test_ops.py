@@ -96,6 +96,24 @@ def test_serving_layout_gives_the_same_products(wfmt, act):
     np.testing.assert_array_equal(take_rows(t, rows), q.dequantize()[rows])
 
 
+def test_serving_layout_stores_4bit_weights_k_major_on_request():
+    """`k_major_4bit=True` also stores weight-only int4/uint4 codes K-major (packed along K):
+    the same products on XLA's path; NF4 and 3-bit weights stay as they are."""
+    x, w = _xw()
+    tree = {
+        "asym": jqtz.quantize(w, WEIGHT_ONLY["int4-g32-asym"]),
+        "sym": jqtz.quantize(w, jqtz.QuantSpec(format="int4", granularity="group", group_size=32)),
+        "nf4": jqtz.quantize(w, jqtz.QuantSpec(format="nf4", granularity="group", group_size=32)),
+    }
+    assert not any(q.transposed for q in jqtz.nn.serving_layout(tree).values())
+    served = jqtz.nn.serving_layout(tree, k_major_4bit=True)
+    assert served["asym"].transposed and served["sym"].transposed and not served["nf4"].transposed
+    assert served["asym"].qvalue.shape == (40, 48)  # [N, K/2]
+    for name in tree:
+        np.testing.assert_allclose(dot_general(x, served[name], DN), dot_general(x, tree[name], DN),
+                                   rtol=1e-6, atol=1e-5)  # fmt: skip
+
+
 def test_static_activation_scale():
     x, w = _xw()
     static = jqtz.QuantSpec(format="int8", granularity="tensor", axis=-1)
