@@ -11,8 +11,7 @@ below 8 bits), and the latter also stored K-major (`w4a16-zp-km`: `jqtz.nn.servi
 k_major_4bit=True)`, read by `pallas_kernels.w4a16_kmajor`). Quantized cases run with jqtz's
 Pallas kernels on and off (`jqtz.nn.use_pallas_kernels`), so the XLA path on the same weights
 and cache is measured in the same run, and the int8-cache cases also with the Mosaic GPU
-lowering preferred
-(`lowering="mosaic"`).
+lowering preferred (`lowering="mosaic"`).
 
 On an NVIDIA GPU the W4A16 products go through `pallas_kernels.w4a16` and the int8 cache's
 attention through `pallas_kernels.decode_attention`; elsewhere everything is XLA, and the
