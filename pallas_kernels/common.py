@@ -32,6 +32,18 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def split_steps(splits: int, steps: int) -> tuple[int, int]:
+    """`(splits, steps per split)` for `steps` loop steps shared by at most `splits` programs:
+    every program but the last takes the same number, and none is left empty.
+
+    Example:
+      >>> split_steps(9, 64)  # 8 steps each: 8 programs suffice
+      (8, 8)
+    """
+    per_split = cdiv(steps, min(splits, steps))
+    return cdiv(steps, per_split), per_split
+
+
 def round_up(a: int, b: int) -> int:
     """The smallest multiple of `b` that is >= `a`."""
     return cdiv(a, b) * b

@@ -512,9 +512,7 @@ def matmul(
             f"word's {word_layout(w.bits)[0]} products needs 16 columns; use block_n >= "
             f"{min_block_n(w.bits)}"
         )
-    split = min(cfg.split_k, w.num_groups)
-    per_split = common.cdiv(w.num_groups, split)
-    split = common.cdiv(w.num_groups, per_split)
+    split, per_split = common.split_steps(cfg.split_k, w.num_groups)
     n_tiles = common.cdiv(w.n, cfg.block_n)
     n_out = n_tiles * cfg.block_n  # output columns past N are computed as zeros, sliced off
     grid = (common.cdiv(m, cfg.block_m), n_tiles, split)

@@ -70,8 +70,8 @@ def _kernel(x_ref, c_ref, s_ref, *rest, m, k, n, kg, qgroup, num_groups, groups_
             x_mask_e = live & (k_even < k)
             x_mask_o = live & (k_even + 1 < k)
             c_mask = cols_ok & (gi * half + j < -(-k // 2))
-        c = pltriton.load(c_ref.at[:, pl.ds(gi * half, half)], mask=c_mask, other=0)
-        pair = pl.ds(gi * half, half)
+        pair = pl.ds(gi * half, half)  # bytes of codes, and pairs of x entries, of this step
+        c = pltriton.load(c_ref.at[:, pair], mask=c_mask, other=0)
         xe = pltriton.load(x_ref.at[:, pair, jnp.int32(0)], mask=x_mask_e, other=0)
         xo = pltriton.load(x_ref.at[:, pair, jnp.int32(1)], mask=x_mask_o, other=0)
         lo = jax.lax.bitcast_convert_type((c & 15).astype(jnp.uint16) ^ flip, act)
@@ -102,9 +102,7 @@ def matmul_rows(x2, w: PackedWeight, cfg: TuningConfig, *, out_dtype, interpret:
             "are stored K-major (QArray.transposed): use tensor_cores=True"
         )
     m = x2.shape[0]
-    split = min(cfg.split_k, w.num_groups)
-    per_split = common.cdiv(w.num_groups, split)
-    split = common.cdiv(w.num_groups, per_split)
+    split, per_split = common.split_steps(cfg.split_k, w.num_groups)
     n_tiles = common.cdiv(w.n, cfg.block_n)
     n_out = n_tiles * cfg.block_n
     srows = w.scale.shape[0]
