@@ -230,6 +230,19 @@ class QArray:
             return _packing.unpack(self.qvalue, fmt.bits, self.shape[-1], signed=signed)
         return self.qvalue
 
+    def _transposed_rows(self, rows: jax.Array) -> jax.Array:
+        """Codes of the logical rows `rows` (1-D) of a transposed 2-D array, `[len(rows), N]`
+        in the untransposed storage (packed along N for 4-bit codes), read from the stored
+        bytes of those rows alone: a gather of rows without unpacking the rest."""
+        fmt = self.format
+        if not fmt.packed:
+            return self.qvalue[:, rows].T
+        signed = fmt.signed
+        pairs = _packing.unpack(self.qvalue[:, rows // 2, None], fmt.bits, 2, signed=signed)
+        codes = jnp.take_along_axis(pairs, (rows % 2)[None, :, None], axis=2)[..., 0]  # [N, F]
+        codes = codes if signed else codes ^ jnp.uint8(self._flip)
+        return _packing.pack(codes.T, fmt.bits)
+
     def scale_values(self) -> jax.Array:
         """Per-block scales as float32 (dequantizing nested scales)."""
         s = self.scale

@@ -406,14 +406,16 @@ def promote_dtype(args, /, *, dtype=None, inexact=True):
 
 def take_rows(table: QArray, ids: jax.Array, dtype=None) -> jax.Array:
     """`table[ids]` for a quantized `[rows, features]` table, dequantizing only those rows."""
-    if table.ndim != 2 or table.batch_shape or table.perm is not None or table.transposed:
+    if table.ndim != 2 or table.batch_shape or table.perm is not None:
         return jnp.take(table.dequantize(dtype), ids, axis=0)
     flat = ids.reshape(-1)
+    # A table stored transposed (`serving_layout`) gives the rows' codes from their bytes alone.
+    codes = table._transposed_rows(flat) if table.transposed else table.qvalue[flat]
     srow = flat // table.block_shape[0]
     scale = table.scale_values()[srow]
     zp = None if table.zero_point is None else table.zero_point[srow]
     rows = QArray(
-        table.qvalue[flat],
+        codes,
         scale,
         zp,
         table.format,

@@ -109,7 +109,9 @@ def test_serving_layout_stores_4bit_weights_k_major_on_request():
     served = jqtz.nn.serving_layout(tree, k_major_4bit=True)
     assert served["asym"].transposed and served["sym"].transposed and not served["nf4"].transposed
     assert served["asym"].qvalue.shape == (40, 48)  # [N, K/2]
+    ids = jnp.array([[3, 0], [95, 50]])  # gathers of rows read the stored bytes of those rows
     for name in tree:
+        np.testing.assert_array_equal(take_rows(served[name], ids), tree[name].dequantize()[ids])
         np.testing.assert_allclose(dot_general(x, served[name], DN), dot_general(x, tree[name], DN),
                                    rtol=1e-6, atol=1e-5)  # fmt: skip
 
