@@ -107,17 +107,16 @@ def kernel_for(
     H100: Mosaic GPU for W8A8 products of at least `w8a8.K_MAJOR_ROWS` rows with one weight
     scale along K (1.9x Triton's int8 and 2.4x its fp8 at 4096 x 8192 x 8192, docs/
     benchmarks.md), Triton elsewhere; "mosaic" also takes Mosaic GPU for W4A16 above 16 rows
-    and for W8A8 with 1x128 block scales from `w8a8.K_MAJOR_ROWS` rows (not yet timed on a
-    GPU); "triton" never takes Mosaic GPU."""
+    and, for codes stored K-major, up to 16 rows (`w4a16.mosaic_config`), and for W8A8 with
+    1x128 block scales from `w8a8.K_MAJOR_ROWS` rows (not yet timed on a GPU); "triton" never
+    takes Mosaic GPU."""
     backend = backend or jax.default_backend()
     kw = dict(backend=backend, compute_capability=compute_capability)
     rows = x.size // max(x.shape[-1], 1)
     if w4a16.can_use(x, w, **kw):
-        if lowering == "mosaic" and common.is_hopper(**kw) and rows > w4a16.SMALL_M:
+        if lowering == "mosaic" and common.is_hopper(**kw):
             packed = w if isinstance(w, w4a16.PackedWeight) else w4a16.prepare(w)
-            # Weights the Mosaic path would copy on every call stay on Triton, which reads them
-            # in place.
-            if w4a16.mosaic_unsupported(packed) is None and not w4a16.mosaic_pads(packed):
+            if w4a16.mosaic_config(packed, rows) is not None:
                 return "w4a16-mosaic"
         return "w4a16"
     mode = _w8a8_mode(w)
@@ -178,5 +177,6 @@ def maybe_matmul(
         y = w8a8.matmul(xq, sx, wq, sw, config=config, out_dtype=out_dtype, interpret=interpret,
                         w_k_major=k_major)  # fmt: skip
         return y.reshape(*x.shape[:-1], w.shape[1])
-    config = w4a16.MosaicConfig() if name == "w4a16-mosaic" else None
+    rows = x.size // x.shape[-1]
+    config = w4a16.mosaic_config(w, rows) if name == "w4a16-mosaic" else None
     return w4a16.matmul(x, w, config=config, interpret=interpret)

@@ -58,7 +58,12 @@ from jax.experimental.pallas import triton as pltriton
 from jqtz import _packing
 from pallas_kernels import common, w4a16_kmajor, w4a16_mosaic
 
-# The Mosaic GPU lowering's config and predicates, re-exported: one W4A16 entry point.
+# The Mosaic GPU lowerings' configs and predicates, re-exported: one W4A16 entry point.
+from pallas_kernels.w4a16_kmajor import (
+    MOSAIC_DECODE_ROWS,
+    MosaicDecodeConfig,
+    mosaic_decode_unsupported,
+)
 from pallas_kernels.w4a16_mosaic import (
     MOSAIC_TUNE_CANDIDATES,
     MosaicConfig,
@@ -69,9 +74,11 @@ from pallas_kernels.w4a16_mosaic import (
 __all__ = [
     "H100_SMS",
     "MAX_FMA_ROWS",
+    "MOSAIC_DECODE_ROWS",
     "MOSAIC_TUNE_CANDIDATES",
     "SMALL_M",
     "MosaicConfig",
+    "MosaicDecodeConfig",
     "PackedWeight",
     "TuningConfig",
     "can_use",
@@ -80,6 +87,8 @@ __all__ = [
     "kernel_group",
     "matmul",
     "min_block_n",
+    "mosaic_config",
+    "mosaic_decode_unsupported",
     "mosaic_pads",
     "mosaic_unsupported",
     "prepare",
@@ -462,7 +471,7 @@ def matmul(
     x: jax.Array,
     w: PackedWeight,
     *,
-    config: TuningConfig | MosaicConfig | None = None,
+    config: TuningConfig | MosaicConfig | MosaicDecodeConfig | None = None,
     out_dtype=None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -471,8 +480,9 @@ def matmul(
     Args:
       x: bf16 or f16 activations.
       w: the weight from `prepare`.
-      config: a `TuningConfig` (Triton) or a `MosaicConfig` (Mosaic GPU: 4-bit codes, groups
-        of a multiple of 64, no act-order); None picks `default_config` for the shapes.
+      config: a `TuningConfig` (Triton), a `MosaicConfig` (Mosaic GPU: 4-bit codes, groups
+        of a multiple of 64, no act-order) or, for up to 16 rows and codes stored K-major, a
+        `MosaicDecodeConfig` (Mosaic GPU); None picks `default_config` for the shapes.
       out_dtype: default `result_type(x.dtype, w.dtype)` (what `jqtz.nn.dot_general` returns).
       interpret: run the Pallas interpreter (CPU tests) instead of compiling for the GPU.
     """
@@ -487,9 +497,14 @@ def matmul(
         x2 = jnp.take(x2, w.perm, axis=1)
     m = x2.shape[0]
     cfg = config or default_config(m, w.n, w.num_groups, bits=w.bits)
-    if isinstance(cfg, MosaicConfig):
+    if isinstance(cfg, MosaicConfig | MosaicDecodeConfig):
         common.require_hopper_for_mosaic(interpret)
-        y = w4a16_mosaic.matmul_rows(x2, w, cfg, out_dtype=out_dtype, interpret=interpret)
+        rows = (
+            w4a16_mosaic.matmul_rows
+            if isinstance(cfg, MosaicConfig)
+            else w4a16_kmajor.mosaic_matmul_rows
+        )
+        y = rows(x2, w, cfg, out_dtype=out_dtype, interpret=interpret)
         return y.reshape(*lead, w.n)
     if w.k_major:
         y = w4a16_kmajor.matmul_rows(x2, w, cfg, out_dtype=out_dtype, interpret=interpret)
@@ -622,6 +637,18 @@ def can_use(x, w, *, backend: str | None = None, compute_capability=None) -> boo
         return False
     k = w.k if isinstance(w, PackedWeight) else w.shape[0]
     return np.dtype(x.dtype) in _ACT_DTYPES and x.ndim >= 1 and x.shape[-1] == k
+
+
+def mosaic_config(w: PackedWeight, m: int) -> MosaicConfig | MosaicDecodeConfig | None:
+    """The Mosaic GPU config `jqtz.nn.use_pallas_kernels(lowering="mosaic")` takes for `m` rows
+    of `x` times `w`, or None (Triton): `MosaicConfig` above `SMALL_M` rows for codes it reads
+    in place (no act-order, no copy per call: `mosaic_pads`); `MosaicDecodeConfig` up to
+    `SMALL_M` rows for codes stored K-major that it covers."""
+    if m > SMALL_M:
+        ok = mosaic_unsupported(w) is None and not mosaic_pads(w)
+        return MosaicConfig() if ok else None
+    cfg = MosaicDecodeConfig()
+    return cfg if mosaic_decode_unsupported(w, m, cfg) is None else None
 
 
 _BENCH_NAMES = (

@@ -72,20 +72,28 @@ def tune_candidates(m: int, n: int, num_groups: int, *, bits: int = 4) -> list:
     return list(dict.fromkeys(c for c in out if fits(c)))
 
 
-def k_major_candidates(m: int, n: int, num_groups: int) -> list[w4a16.TuningConfig]:
-    """The configs the benchmark tries on K-major codes (`w4a16.PackedWeight.k_major`), the default
-    first: for decode, 256, 128 and 64 columns with 8 or 4 warps (K split as the default does);
-    above, the default and 128 x 128 tiles."""
+def k_major_candidates(m: int, n: int, num_groups: int) -> list:
+    """The configs the benchmark tries on K-major codes (`w4a16.PackedWeight.k_major`), the
+    default first: for decode, Triton with 256, 128 and 64 columns and 8 or 4 warps (K split
+    as the default does), then `w4a16.MosaicDecodeConfig`s (64 or 128 columns, 4 or 8 TMA
+    loads in flight; last, so that a Mosaic GPU fault on a first GPU run cannot cost the
+    Triton timings); above, the default and 128 x 128 tiles."""
     out = [w4a16.default_config(m, n, num_groups)]
     if m <= w4a16.SMALL_M:
         for bn, warps in ((256, 8), (128, 8), (128, 4), (64, 4)):
             split = w4a16.auto_split(m, n, num_groups, 16, bn)
             cfg = w4a16.TuningConfig(block_n=bn, split_k=split, num_warps=warps, fold_zero=True)
             out.append(cfg)
+        mosaic = [
+            w4a16.MosaicDecodeConfig(tile_n=tn, max_concurrent_steps=depth)
+            for tn in (64, 128)
+            for depth in (4, 8)
+        ]
+        out += [c for c in mosaic if n % c.tile_n == 0 and m <= w4a16.MOSAIC_DECODE_ROWS]
     else:
         split = w4a16.auto_split(m, n, num_groups, 128, 128)
         out.append(w4a16.TuningConfig(block_m=128, block_n=128, split_k=split, num_warps=8,
-                                fold_zero=True))  # fmt: skip
+                                      fold_zero=True))  # fmt: skip
     return list(dict.fromkeys(out))
 
 

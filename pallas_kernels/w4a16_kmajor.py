@@ -22,16 +22,29 @@ on an H100 is what `python -m pallas_kernels.bench --only w4a16` measures (the `
 K and N need not be multiples of the tiles: the last step's K entries and the last tile's rows
 are masked loads. `w4a16` dispatches here on `PackedWeight.k_major`; its `reference`,
 `can_use` and benchmark cover both layouts.
+
+`MosaicDecodeConfig` runs the decode product (M <= 16) through Mosaic GPU instead: TMA brings
+each step's `[tile_n, tile_k]` int4 tile (the codes read as XLA's int4, a bitcast) and `x`'s
+`[8 or 16, tile_k]` rows into shared memory; the block's warpgroup loads the codes into
+registers (`ldmatrix`), converts them to 16 bits (the signed int4 fast path),
+adds `8 - zero` (unsigned codes) and multiplies by the group's scale (one rounding per weight,
+as XLA's path), and `wgmma` takes that tile from registers with `x`'s rows, transposed in
+shared memory, as the second operand. Nothing goes back to shared memory, which the Triton
+kernel's `wgmma` needs for its dequantized tile. K is split across blocks so that several run
+per SM; XLA adds the float32 partial sums. The Mosaic GPU interpreter's `wgmma` reads shared
+memory only, so interpreted, the dequantized tile is staged there first (the one difference).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import common
@@ -143,3 +156,173 @@ def matmul_rows(x2, w: PackedWeight, cfg: TuningConfig, *, out_dtype, interpret:
     )(*args)
     y = out.sum(axis=0) if f32 else out[0]
     return y[:, : w.n].astype(out_dtype)
+
+
+# -- Mosaic GPU decode ------------------------------------------------------------------------
+
+#: Rows of `x` the Mosaic decode product takes: padded to 8 or 16, the `wgmma` N.
+MOSAIC_DECODE_ROWS = 16
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MosaicDecodeConfig:
+    """The Mosaic GPU (Hopper) decode product over K-major 4-bit codes, `w4a16.matmul(x, w,
+    config=MosaicDecodeConfig())`: up to `MOSAIC_DECODE_ROWS` rows of `x` (padded to 8 or 16,
+    the `wgmma` N), groups of a multiple of 64, K a multiple of the step (128, or 64 for groups of
+    64) and N of `tile_n`.
+
+    Attributes:
+      tile_n: output columns (weight rows) per block, the `wgmma` M: 64 or 128.
+      split_k: blocks along K per output tile, at least this many (each block takes the same
+        number of steps: the smallest divisor of the step count from here); None: enough for
+        about four blocks per SM.
+      max_concurrent_steps: pipeline depth (TMA loads in flight per block), at least 2.
+
+    Example (the Mosaic GPU interpreter on a CPU; on an H100, interpret=False):
+      >>> import jax, jax.numpy as jnp, jqtz
+      >>> from pallas_kernels import w4a16
+      >>> spec = jqtz.QuantSpec(format="int4", granularity="group", group_size=128,
+      ...                       symmetric=False)
+      >>> q = jqtz.quantize(jax.random.normal(jax.random.key(0), (256, 128)), spec)
+      >>> w = w4a16.prepare(q.with_transposed_codes())
+      >>> x = jax.random.normal(jax.random.key(1), (2, 256), jnp.bfloat16)
+      >>> y = w4a16.matmul(x, w, config=w4a16.MosaicDecodeConfig(), interpret=True)
+      >>> ref = w4a16.reference(x, w)
+      >>> bool(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref) < 1e-2)
+      True
+    """
+
+    tile_n: int = 64
+    split_k: int | None = None
+    max_concurrent_steps: int = 4
+
+    def __post_init__(self):
+        if (
+            self.tile_n not in (64, 128)
+            or self.max_concurrent_steps < 2
+            or (self.split_k is not None and self.split_k < 1)
+        ):
+            raise ValueError(
+                f"{self}: tile_n must be 64 or 128 (one or two `wgmma` M tiles), "
+                "max_concurrent_steps at least 2, split_k None or at least 1"
+            )
+
+
+def _mosaic_tile_k(w: PackedWeight) -> int | None:
+    """K per Mosaic step: 128 or 64, dividing the group (one scale per weight row a step)."""
+    return next((tk for tk in (128, 64) if w.qgroup % tk == 0), None)
+
+
+def mosaic_decode_unsupported(w: PackedWeight, m: int, cfg: MosaicDecodeConfig) -> str | None:
+    """Why `MosaicDecodeConfig` cannot multiply `m` rows by `w` (None: it can)."""
+    tile_k = _mosaic_tile_k(w)
+    if not w.k_major or w.perm is not None or tile_k is None:
+        return (
+            "a w4a16.MosaicDecodeConfig reads 4-bit codes stored K-major "
+            "(QArray.with_transposed_codes) without an act-order permutation, in groups of a "
+            f"multiple of 64; got k_major={w.k_major}, "
+            f"perm={'yes' if w.perm is not None else 'no'}, group={w.qgroup}"
+        )
+    if m > MOSAIC_DECODE_ROWS or w.k % tile_k or w.n % cfg.tile_n:
+        return (
+            f"a w4a16.MosaicDecodeConfig takes at most {MOSAIC_DECODE_ROWS} rows, K a multiple of "
+            f"{tile_k} and N of tile_n={cfg.tile_n} (TMA moves whole tiles); got M={m}, "
+            f"K={w.k}, N={w.n}"
+        )
+    return None
+
+
+def _mosaic_kernel(x_g, w_g, s_g, *refs, tile_n, tile_k, steps, qgroup, depth, has_zero, stage):
+    """Block (n, s): output columns `n * tile_n...` over K steps `s * steps...`. Each step
+    dequantizes the code tile in registers and issues `wgmma(acc, tile, x_tile.T)`."""
+    z_g, o_g = refs if has_zero else (None, *refs)
+    mp, dtype = x_g.shape[0], x_g.dtype
+    ni, si = jax.lax.axis_index("n"), jax.lax.axis_index("s")
+    k0 = si * steps
+    column = plgpu.Layout.WGMMA.reduce(1)  # a [tile_n] vector, broadcast along K
+
+    def per_row(v):
+        return jax.lax.broadcast_in_dim(v, (tile_n, tile_k), [0])
+
+    def scoped(acc_ref, staged):
+        def step(_, x_s, w_s, s_s, *z_s):
+            codes = plgpu.load(w_s, layout=plgpu.Layout.WGMMA_UPCAST_4X)
+            tile = plgpu.layout_cast(codes, plgpu.Layout.WGMMA).astype(dtype)
+            if has_zero:  # stored code - 8: add 8 - zero (exact in 16 bits)
+                zero = plgpu.load(z_s[0].at[0], layout=column).astype(jnp.float32)
+                tile = tile + per_row((8.0 - zero).astype(dtype))
+            tile = tile * per_row(plgpu.load(s_s.at[0], layout=column).astype(dtype))
+            if staged is None:
+                plgpu.wgmma(acc_ref, tile, x_s.T)
+            else:
+                staged[...] = tile
+                plgpu.commit_smem()
+                plgpu.wgmma(acc_ref, staged, x_s.T)
+            plgpu.wgmma_wait(0)
+
+        srow = lambda kk: ((k0 + kk) * tile_k // qgroup, ni)
+        specs = [
+            plgpu.BlockSpec((mp, tile_k), lambda kk: (0, k0 + kk)),
+            plgpu.BlockSpec((tile_n, tile_k), lambda kk: (ni, k0 + kk)),
+            plgpu.BlockSpec((1, tile_n), srow),
+        ]
+        operands = [x_g, w_g, s_g]
+        if has_zero:
+            specs.append(plgpu.BlockSpec((1, tile_n), srow))
+            operands.append(z_g)
+        plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs, max_concurrent_steps=depth)(
+            *operands
+        )
+        return acc_ref[...]
+
+    acc_type = plgpu.ACC((tile_n, mp), jnp.float32)
+    if stage:
+        acc = pl.run_scoped(
+            lambda t: pl.run_scoped(lambda a: scoped(a, t), acc_type),
+            plgpu.SMEM((tile_n, tile_k), dtype),
+        )
+    else:
+        acc = pl.run_scoped(lambda a: scoped(a, None), acc_type)
+    pl.run_scoped(
+        lambda o_s: common.store_tile(acc, o_s, o_g.at[si, pl.ds(ni * tile_n, tile_n)]),
+        plgpu.SMEM((tile_n, mp), jnp.float32),
+    )
+
+
+def mosaic_matmul_rows(x2, w: PackedWeight, cfg: MosaicDecodeConfig, *, out_dtype, interpret):
+    """`x2 [M, K] @ W` for a K-major 4-bit `PackedWeight` through Mosaic GPU (M <= 16)."""
+    m = x2.shape[0]
+    reason = mosaic_decode_unsupported(w, m, cfg)
+    if reason:
+        raise ValueError(f"{reason}. Use a TuningConfig (Triton) for this product.")
+    tile_k = _mosaic_tile_k(w)
+    mp = 8 if m <= 8 else 16  # the wgmma N
+    x2 = common.pad_axis(x2, 0, mp)
+    n_tiles, num_steps = w.n // cfg.tile_n, w.k // tile_k
+    want = min(cfg.split_k or common.cdiv(4 * common.num_sms(), n_tiles), num_steps)
+    # Every block runs the same steps (the pipeline's grid is static): a divisor of the count.
+    split = next(d for d in range(want, num_steps + 1) if num_steps % d == 0)
+    steps = num_steps // split
+    # The stored bytes read as XLA's int4 (low nibble first, as the QArray packs them).
+    codes = jax.lax.bitcast_convert_type(w.codes, jnp.int4).reshape(w.n, w.k)
+    body = functools.partial(
+        _mosaic_kernel,
+        tile_n=cfg.tile_n,
+        tile_k=tile_k,
+        steps=steps,
+        qgroup=w.qgroup,
+        depth=cfg.max_concurrent_steps,
+        has_zero=w.zero is not None,
+        stage=interpret,
+    )
+    args = [x2, codes, w.scale] + ([w.zero] if w.zero is not None else [])
+    partial = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((split, w.n, mp), jnp.float32),
+        grid=(n_tiles, split),
+        grid_names=("n", "s"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+        kernel_name=f"w4a16_kmajor_mgpu_g{w.qgroup}",
+    )(*args)
+    return partial.sum(axis=0)[:, :m].T.astype(out_dtype)

@@ -170,6 +170,28 @@ def test_tune_candidates_are_valid_and_start_with_the_default():
 
 
 @pytest.mark.parametrize("n,k", [(8192, 8192), (14336, 4096), (4096, 14336)])
+def test_k_major_candidates_cover_both_lowerings_at_decode(n, k):
+    """Decode tries Triton first and the Mosaic GPU decode configs last, each of which takes
+    the benchmark's K-major weights; larger M tries Triton only."""
+    # The benchmark's weight stored K-major, as shapes (what the predicate reads).
+    spec = jax.ShapeDtypeStruct
+    groups = spec((k // 128, n), jnp.uint8)
+    pw = w4a16.PackedWeight(codes=spec((n, k // 2), jnp.uint8), scale=groups, zero=groups,
+                            perm=None, bits=4, signed=False, qgroup=128, group=128, k=k, n=n,
+                            dtype=jnp.dtype(jnp.float32), k_major=True)  # fmt: skip
+    for m in (1, 16):
+        cands = w4a16.k_major_candidates(m, n, k // 128)
+        kinds = [isinstance(c, w4a16.MosaicDecodeConfig) for c in cands]
+        assert cands[0] == w4a16.default_config(m, n, k // 128) and not kinds[0]
+        assert sum(kinds) == 4 and kinds == sorted(kinds)  # Mosaic GPU last
+        for c in cands[kinds.index(True) :]:
+            assert w4a16.mosaic_decode_unsupported(pw, m, c) is None
+    assert not any(
+        isinstance(c, w4a16.MosaicDecodeConfig) for c in w4a16.k_major_candidates(64, n, k // 128)
+    )
+
+
+@pytest.mark.parametrize("n,k", [(8192, 8192), (14336, 4096), (4096, 14336)])
 def test_w4a16_mosaic_candidates_fit_the_h100(n, k):
     """Every Mosaic GPU config of the W4A16 sweep lowers for an H100 at each benchmark shape
     (shared memory is checked while lowering): no device minute goes to one that cannot."""

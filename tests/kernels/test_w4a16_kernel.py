@@ -483,6 +483,76 @@ def test_k_major_lowers_for_cuda(m):
     assert text.count(common.TRITON_CUSTOM_CALL) == 1
 
 
+# name: (M, K, N, group, symmetric, activation dtype, MosaicDecodeConfig fields)
+K_MAJOR_MOSAIC_CASES = {
+    "m1_g128_zero_points": (1, 512, 256, 128, False, jnp.bfloat16, {}),
+    "m3_g128_sym_tile128": (3, 512, 256, 128, True, jnp.bfloat16, dict(tile_n=128)),
+    "m9_g64_f16_sixteen_rows": (9, 256, 128, 64, False, jnp.float16, {}),
+    "m16_g256_split3_takes_4": (16, 1024, 128, 256, False, jnp.bfloat16, dict(split_k=3)),
+    "m1_one_step": (1, 128, 64, 128, False, jnp.bfloat16, dict(max_concurrent_steps=2)),
+}
+
+
+@pytest.mark.parametrize("name", list(K_MAJOR_MOSAIC_CASES))
+def test_k_major_mosaic_decode_interpret_matches_reference(name):
+    """`MosaicDecodeConfig` in the Mosaic GPU interpreter: the TMA pipeline over int4 tiles,
+    16-bit dequantization with the zero point and the scale, `wgmma` with `x` transposed in
+    shared memory (8 or 16 rows), split K (3 blocks asked for over 8 steps: 4 of 2 steps)."""
+    m, k, n, group, sym, act, fields = K_MAJOR_MOSAIC_CASES[name]
+    qw = _qweight(k, n, "int4", group, sym, seed=m)
+    pw = w4a16.prepare(qw.with_transposed_codes())
+    x = jax.random.normal(jax.random.key(k), (m, k), act)
+    cfg = w4a16.MosaicDecodeConfig(**fields)
+    y = w4a16.matmul(x, pw, config=cfg, out_dtype=jnp.float32, interpret=True)
+    assert y.shape == (m, n)
+    # Each weight is rounded to 16 bits once (its scale to 16 bits first): about 2^-9
+    # relative per element for bf16, 2^-12 for f16.
+    ref = w4a16.reference(x, w4a16.prepare(qw))
+    assert _rel(y, ref) < (8e-3 if act == jnp.bfloat16 else 1e-3)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_k_major_mosaic_decode_lowers_for_cuda(m):
+    """Compiled, the dequantized tile is `wgmma`'s operand from registers (the interpreter
+    stages it in shared memory); both lower for CUDA, with one Mosaic GPU call."""
+    qw = _qweight(1024, 512, "int4", 128, False, scale_dtype="bfloat16").with_transposed_codes()
+    x = jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16)
+    for tile_n in (64, 128):
+        cfg = w4a16.MosaicDecodeConfig(tile_n=tile_n)
+        fn = functools.partial(w4a16.matmul, config=cfg, out_dtype=jnp.bfloat16)
+        text = common.lower_for_cuda(fn, x, w4a16.prepare(qw))
+        assert text.count(common.MOSAIC_GPU_CUSTOM_CALL) == 1
+        assert common.TRITON_CUSTOM_CALL not in text
+
+
+def test_k_major_mosaic_decode_refusals():
+    """Weights or rows it does not cover get a ValueError naming what is needed and the
+    Triton config to use; bad configs are refused when made."""
+    qw = _qweight(256, 128, "int4", 128, False)
+    pw = w4a16.prepare(qw.with_transposed_codes())
+    cfg = w4a16.MosaicDecodeConfig()
+    x = jnp.ones((2, 256), jnp.bfloat16)
+    cases = [
+        (x, w4a16.prepare(qw), "stored K-major"),  # codes packed along N
+        (x[:, :200], w4a16.prepare(_qweight(200, 128, "int4", 64).with_transposed_codes()),
+         "K a multiple of 64"),
+        (x[:, :128], w4a16.prepare(_qweight(128, 128, "int4", 32).with_transposed_codes()),
+         "groups of a multiple of 64"),
+        (jnp.ones((17, 256), jnp.bfloat16), pw, "at most 16 rows"),
+    ]  # fmt: skip
+    for xx, ww, match in cases:
+        with pytest.raises(ValueError, match=match) as err:
+            w4a16.matmul(xx, ww, config=cfg, interpret=True)
+        assert "TuningConfig" in str(err.value)
+    pw192 = w4a16.prepare(_qweight(256, 192, "int4", 128).with_transposed_codes())
+    w4a16.matmul(x, pw192, config=cfg, interpret=True)  # 64-column tiles cover N = 192
+    with pytest.raises(ValueError, match="N of tile_n=128"):
+        w4a16.matmul(x, pw192, config=w4a16.MosaicDecodeConfig(tile_n=128), interpret=True)
+    for bad in (dict(tile_n=96), dict(max_concurrent_steps=1), dict(split_k=0)):
+        with pytest.raises(ValueError, match="tile_n must be 64 or 128"):
+            w4a16.MosaicDecodeConfig(**bad)
+
+
 def test_k_major_weight_takes_the_kernel_and_xla_agrees():
     """A served K-major weight goes to the W4A16 kernel on a GPU (and to XLA elsewhere, where
     `dequantize` reads the same codes)."""
@@ -491,6 +561,12 @@ def test_k_major_weight_takes_the_kernel_and_xla_agrees():
     gpu = dict(backend="gpu", compute_capability=(9, 0))
     assert dispatch.kernel_for(x, qw, **gpu) == "w4a16"
     assert dispatch.kernel_for(x[:1].repeat(64, 0), qw, lowering="mosaic", **gpu) == "w4a16"
+    # Under lowering="mosaic", decode products on K-major codes take MosaicDecodeConfig.
+    assert dispatch.kernel_for(x, qw, lowering="mosaic", **gpu) == "w4a16-mosaic"
+    assert w4a16.mosaic_config(w4a16.prepare(qw), 2) == w4a16.MosaicDecodeConfig()
+    assert w4a16.mosaic_config(w4a16.prepare(qw), 64) is None  # MosaicConfig reads [K, N]
+    mosaic = dispatch.maybe_matmul(x, qw, lowering="mosaic", interpret=True, **gpu)
+    assert _rel(mosaic, x.astype(jnp.float32) @ qw.dequantize(jnp.float32)) < 1e-2
     y = dispatch.maybe_matmul(x, qw, interpret=True, **gpu)
     xla = x.astype(jnp.float32) @ qw.dequantize(jnp.float32)
     assert _rel(y, xla) < 1e-2
