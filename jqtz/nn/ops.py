@@ -148,8 +148,8 @@ def use_pallas_kernels(enabled: bool = True, *, lowering: str = "auto", interpre
       per-tensor scales), Pallas Triton (deprecated in jax 0.11) for everything else;
     - `"mosaic"` (or `JQTZ_PALLAS=mosaic`): Mosaic GPU wherever a kernel has it for the
       operands: W8A8 as above and with 1x128 block scales (from 128 rows), W4A16 products
-      with more than 16 rows, and decode attention over int8/fp8 caches with one scale per
-      token;
+      with more than 16 rows, or up to 16 on 4-bit codes stored K-major (`serving_layout`'s
+      `k_major_4bit`), and decode attention over int8/fp8 caches with one scale per token;
     - `"triton"` (or `JQTZ_PALLAS=triton`): Pallas Triton everywhere.
 
     `interpret=True` chooses the kernels as on an H100 and runs them in the Pallas interpreter
