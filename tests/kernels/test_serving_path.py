@@ -89,7 +89,7 @@ def test_generate_lowers_with_a_kernel_for_every_product_and_the_decode_attentio
 def test_mosaic_preference_reaches_prefill_products_and_decode_attention(pretend_h100):
     """`use_pallas_kernels(lowering="mosaic")`: a 64-token prefill's W4A16 products (aligned
     dims) and the decode attention take Mosaic GPU; the decode step's one-row products keep
-    Triton's GEMV."""
+    Triton's GEMV, unless the codes are stored K-major, where the two swap."""
     config = LlamaConfig(vocab_size=96, dim=256, n_layers=2, n_heads=4, n_kv_heads=2,
                          hidden_dim=512, max_seq_len=128, tie_embeddings=True,
                          dtype=jnp.bfloat16)  # fmt: skip
@@ -102,6 +102,15 @@ def test_mosaic_preference_reaches_prefill_products_and_decode_attention(pretend
             lambda p, t: generate(config, p, t, 4, cache_factory=cache), qparams, prompt
         )
     layers = config.n_layers
+    assert _kernel_calls(text, common.MOSAIC_GPU_CUSTOM_CALL) == 7 * layers + layers
+    assert _kernel_calls(text) == 7 * layers
+    # Codes stored K-major: the decode step's products take Mosaic GPU (MosaicDecodeConfig) and
+    # the prefill's keep Triton (MosaicConfig reads codes packed along N).
+    served = jqtz.nn.serving_layout(qparams, k_major_4bit=True)
+    with jqtz.nn.use_pallas_kernels(lowering="mosaic"):
+        text = common.lower_for_cuda(
+            lambda p, t: generate(config, p, t, 4, cache_factory=cache), served, prompt
+        )
     assert _kernel_calls(text, common.MOSAIC_GPU_CUSTOM_CALL) == 7 * layers + layers
     assert _kernel_calls(text) == 7 * layers
 
@@ -185,11 +194,13 @@ def test_decode_path_through_the_interpreted_kernels_matches_the_xla_path():
     assert abs(everything - xla) < 1e-2  # bf16 activations between layers
 
 
-def test_mosaic_kernels_inside_the_model_match_the_xla_path():
+@pytest.mark.parametrize("k_major", [False, True], ids=["codes_along_n", "codes_k_major"])
+def test_mosaic_kernels_inside_the_model_match_the_xla_path(k_major):
     """`use_pallas_kernels(lowering="mosaic", interpret=True)` in bfloat16 with aligned dims:
     the 64-token prefill's W4A16 products and every decode step's attention run on their Mosaic
-    GPU versions (the Mosaic GPU interpreter), the one-row decode products on Triton's; the
-    decode-path NLL is XLA's within bf16 noise."""
+    GPU versions (the Mosaic GPU interpreter), the one-row decode products on Triton's; with
+    the codes stored K-major, the decode products on Mosaic GPU and the prefill's on Triton.
+    The decode-path NLL is XLA's within bf16 noise."""
     from jqtz.eval.decode import decode_perplexity
 
     config = LlamaConfig(vocab_size=96, dim=256, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -197,6 +208,7 @@ def test_mosaic_kernels_inside_the_model_match_the_xla_path():
                          dtype=jnp.bfloat16)  # fmt: skip
     params = Llama(config).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
     qparams = jqtz.quantize_params(params, [jqtz.Rule(r".*/kernel", default_spec("rtn"))])
+    qparams = jqtz.nn.serving_layout(qparams, k_major_4bit=k_major)
     tokens = jax.random.randint(jax.random.key(1), (80,), 0, config.vocab_size)
     cache = quantized_cache_factory("int8")
 
@@ -212,8 +224,9 @@ def test_mosaic_kernels_inside_the_model_match_the_xla_path():
         return r.nll, paths, prefill
 
     mosaic, paths, prefill = nll(lowering="mosaic", interpret=True)
-    assert paths.pop("attention") == "kernel-mosaic" and set(paths.values()) == {"w4a16"}
-    assert prefill == "w4a16-mosaic"
+    decode, prefill_wanted = ("w4a16-mosaic", "w4a16") if k_major else ("w4a16", "w4a16-mosaic")
+    assert paths.pop("attention") == "kernel-mosaic" and set(paths.values()) == {decode}
+    assert prefill == prefill_wanted
     xla, _, _ = nll(enabled=False)
     assert abs(mosaic - xla) < 1e-2
 
