@@ -254,6 +254,7 @@ def test_end_to_end_decode_bench_smoke(capsys):
         ["w4a16-zp", "bf16", "on"], ["w4a16-zp-km", "bf16", "on"],
         ["bf16", "int8", "on"], ["bf16", "int8", "mosaic"], ["bf16", "int8", "off"],
         ["w4a16", "int8", "on"], ["w4a16", "int8", "mosaic"], ["w4a16", "int8", "off"],
+        ["w4a16-zp-km", "bf16", "mosaic"],
     ]  # fmt: skip
     assert all(not float(r[4]) <= 0 for r in rows)  # a rate, or nan when too fast to time
 
@@ -271,6 +272,7 @@ def test_end_to_end_decode_bench_skips_cases_and_refuses_unknown_ones(capsys):
     assert "--skip: unknown case(s) [('w4a16', 'int4', 'on')]" in capsys.readouterr().err
     others = ["bf16/bf16/on", "w4a16/bf16/off", "w4a16-zp/bf16/on", "w4a16-zp-km/bf16/on"]
     others += [f"{w}/int8/{k}" for w in ("bf16", "w4a16") for k in ("on", "mosaic", "off")]
+    others += ["w4a16-zp-km/bf16/mosaic"]
     argv = ["--tiny", "--new", "4", "--prompt", "8", "--skip", ",".join(others)]
     assert module.main(argv) == 0  # only w4a16/bf16/on is left
     rows = [line.split()[:3] for line in capsys.readouterr().out.splitlines()
@@ -299,7 +301,7 @@ def test_end_to_end_decode_bench_keeps_the_other_cases_when_one_fails(capsys, mo
     assert module.main(["--tiny", "--new", "2", "--prompt", "4"]) == 1
     out = capsys.readouterr().out
     failed = [line for line in out.splitlines() if "FAILED" in line]
-    assert len(failed) == 2 and all("mosaic" in line for line in failed)
+    assert len(failed) == 3 and all("mosaic" in line for line in failed)
     assert "RuntimeError: pretend compile failure second line" in failed[0]
     assert sum("quantized products" in line for line in out.splitlines()) == 9  # the others ran
 
