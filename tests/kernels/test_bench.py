@@ -88,6 +88,21 @@ def test_targets_follow_the_issue():
     assert decode == [(15.0 / 8.0, True)]
 
 
+def test_targets_judge_the_k_major_layout_too():
+    """The same weights stored K-major are judged as their own case (the served layout under
+    `serving_layout(tree, k_major_4bit=True)`); a K-major time over the error bound is not."""
+    fast = dict(_row("w4a16", 1, 1.0, roofline=0.25, us=40.0, baseline_us=40.0),
+                k_major_us=12.0, k_major_rel_err=1e-3)  # fmt: skip
+    wrong = dict(_row("w4a16", 4, 1.0), k_major_us=1.0, k_major_rel_err=0.5)
+    got = {(t, c): (v, met) for t, c, v, _, met in bench._targets([fast, wrong])}
+    speed = got[("W4A16 decode speedup vs bf16", "w4a16 M=1 N=8192 K=8192 (K-major)")]
+    assert speed == (40.0 / 12.0, True)
+    share = got[("W4A16 decode, fraction of copy rate", "w4a16 M=1 N=8192 K=8192 (K-major)")]
+    assert share == (0.25 * 40.0 / 12.0, True)
+    assert not got[("W4A16 decode speedup vs bf16", "w4a16 M=1 N=8192 K=8192")][1]
+    assert not any("M=4" in c and "K-major" in c for _, c in got)
+
+
 def test_summary_flags_checks_over_the_bound():
     checks = [dict(kernel="w4a16", case="nf4 g64", m=64, n=192, k=576, rel_err=0.5)]
     text = bench.summary([], [], checks=checks)
