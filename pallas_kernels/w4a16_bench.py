@@ -76,8 +76,8 @@ def k_major_candidates(m: int, n: int, num_groups: int) -> list:
     """The configs the benchmark tries on K-major codes (`w4a16.PackedWeight.k_major`), the
     default first: for decode, Triton with 256, 128 and 64 columns and 8 or 4 warps (K split
     as the default does), then `w4a16.MosaicDecodeConfig`s (64 or 128 columns, 4 or 8 TMA
-    loads in flight; last, so that a Mosaic GPU fault on a first GPU run cannot cost the
-    Triton timings); above, the default and 128 x 128 tiles."""
+    loads in flight, and K unsplit with 8; last, so that a Mosaic GPU fault on a first GPU
+    run cannot cost the Triton timings); above, the default and 128 x 128 tiles."""
     out = [w4a16.default_config(m, n, num_groups)]
     if m <= w4a16.SMALL_M:
         for bn, warps in ((256, 8), (128, 8), (128, 4), (64, 4)):
@@ -89,6 +89,8 @@ def k_major_candidates(m: int, n: int, num_groups: int) -> list:
             for tn in (64, 128)
             for depth in (4, 8)
         ]
+        # K unsplit: no partial sums for XLA to add, a deeper pipeline per block instead.
+        mosaic.append(w4a16.MosaicDecodeConfig(split_k=1, max_concurrent_steps=8))
         out += [c for c in mosaic if n % c.tile_n == 0 and m <= w4a16.MOSAIC_DECODE_ROWS]
     else:
         split = w4a16.auto_split(m, n, num_groups, 128, 128)

@@ -198,7 +198,7 @@ def test_k_major_candidates_cover_both_lowerings_at_decode(n, k):
         cands = w4a16.k_major_candidates(m, n, k // 128)
         kinds = [isinstance(c, w4a16.MosaicDecodeConfig) for c in cands]
         assert cands[0] == w4a16.default_config(m, n, k // 128) and not kinds[0]
-        assert sum(kinds) == 4 and kinds == sorted(kinds)  # Mosaic GPU last
+        assert sum(kinds) == 5 and kinds == sorted(kinds)  # Mosaic GPU last
         for c in cands[kinds.index(True) :]:
             assert w4a16.mosaic_decode_unsupported(pw, m, c) is None
     assert not any(
