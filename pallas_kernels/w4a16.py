@@ -651,21 +651,11 @@ def mosaic_config(w: PackedWeight, m: int) -> MosaicConfig | MosaicDecodeConfig 
     return cfg if mosaic_decode_unsupported(w, m, cfg) is None else None
 
 
-_BENCH_NAMES = (
-    "benchmark",
-    "check_ragged",
-    "k_major_candidates",
-    "main",
-    "profile_once",
-    "tune_candidates",
-)
-
-
 def __getattr__(name):
-    """The benchmark's names (`w4a16_bench`), imported on first use."""
-    if name in _BENCH_NAMES:
-        from pallas_kernels import w4a16_bench
+    """The benchmark's names (`w4a16_bench.__all__`), imported on first use."""
+    from pallas_kernels import w4a16_bench
 
+    if name in w4a16_bench.__all__:
         return getattr(w4a16_bench, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
