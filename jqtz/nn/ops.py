@@ -13,7 +13,8 @@ operand may be a `QArray`:
   combinations (group-wise weights, asymmetric ranges) quantize-dequantize both operands and
   multiply in float32, with the same numerics up to summation order.
 - LLM.int8() (`rhs.act.outlier_threshold` set): input features with an |x| above the threshold
-  are multiplied in floating point with the dequantized weight, the rest as above; summed.
+  are multiplied in floating point with their rows of the dequantized weight, the rest as
+  above (on a GPU, through the W8A8 kernel where it applies); summed.
 
 This is the seam that GPU kernels plug into: on a GPU, `pallas_kernels.dispatch` runs the Pallas
 kernel where its `can_use` holds (weight-only int4/int8/NF4 groups, W8A8 int8/FP8 per
@@ -64,7 +65,7 @@ def dot_general(
             lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs
         )
     out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
-    if dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2:
+    if _is_dense(lhs, rhs, dimension_numbers):
         y = _kernel_matmul(lhs, rhs)
         if y is not None:
             return y.astype(out_dtype)
@@ -233,17 +234,24 @@ def serving_layout(tree, *, k_major_4bit: bool = False):
 def matmul_path(x, w, *, backend=None, compute_capability=None) -> str:
     """Which path `dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))` takes: the name of the
     Pallas kernel (`"w4a16"`, `"w8a8"`; `"w4a16-mosaic"`, `"w8a8-mosaic"` for their Mosaic GPU
-    versions: `use_pallas_kernels`) or `"xla"`. `backend` and `compute_capability`
-    default to the current device's (pass them to ask about a GPU from a CPU machine)."""
+    versions: `use_pallas_kernels`) or `"xla"`. For an LLM.int8() weight, the kernel of its
+    inlier features with `"+outliers"` (the outlier features' product runs in XLA), e.g.
+    `"w8a8+outliers"`. `backend` and `compute_capability` default to the current device's
+    (pass them to ask about a GPU from a CPU machine)."""
     backend, compute_capability, _ = kernel_target(backend, compute_capability)
     if backend != "gpu" or not pallas_kernels_enabled() or not isinstance(w, QArray):
         return "xla"
     from pallas_kernels import dispatch  # imported only where a kernel can run
 
+    llm_int8 = w.act is not None and w.act.outlier_threshold is not None
     name = dispatch.kernel_for(
-        x, w, backend=backend, compute_capability=compute_capability, lowering=pallas_lowering()
+        x,
+        _without_outliers(w) if llm_int8 else w,
+        backend=backend,
+        compute_capability=compute_capability,
+        lowering=pallas_lowering(),
     )
-    return name or "xla"
+    return "xla" if name is None else name + ("+outliers" if llm_int8 else "")
 
 
 def _kernel_matmul(x, w: QArray):
@@ -345,23 +353,67 @@ def _llm_int8(lhs, rhs: QArray, dn, out_dtype, kwargs):
     """LLM.int8(): outlier input features in floating point, the rest quantized; summed.
 
     A feature (an index along the contraction axes) is an outlier when any |x| over the other
-    axes of this call exceeds `rhs.act.outlier_threshold`. Shapes stay static: both products
-    run over all features, with the other part's columns zeroed (a mask, not a gather), so the
-    quantized part's per-token scales see the inlier features only.
+    axes of this call exceeds `rhs.act.outlier_threshold`. Shapes stay static: the quantized
+    part runs over all features with the outliers' columns zeroed (a mask, not a gather), so
+    its per-token scales see the inlier features only.
+
+    For a flax `Dense` product (`x [..., K] @ W [K, N]`) the quantized part takes the W8A8
+    kernel where one applies (`_kernel_matmul`), and the floating-point part multiplies the
+    outlier features by their own rows of W, dequantized alone (`take_rows`), up to
+    `_outlier_capacity(K)` of them (LLM.int8()'s systematic outliers are a handful of
+    features); a call with more runs the masked product over the whole dequantized weight
+    instead (`lax.cond`: same result).
     """
     (lc, _), _ = dn
-    outlier = _outlier_features(lhs, lc, rhs.act.outlier_threshold)
+    threshold = rhs.act.outlier_threshold
+    outlier = _outlier_features(lhs, lc, threshold)
     zero = jnp.zeros((), lhs.dtype)
     inliers = jnp.where(outlier, zero, lhs)
-    y = _quantized_product(inliers, rhs, dn, kwargs)
-    y = y + jax.lax.dot_general(
-        jnp.where(outlier, lhs, zero),
-        rhs.dequantize(lhs.dtype),
-        dn,
-        preferred_element_type=jnp.float32,
-        **kwargs,
-    )
-    return y.astype(out_dtype)
+
+    def masked_outliers(_=None):
+        return jax.lax.dot_general(
+            jnp.where(outlier, lhs, zero),
+            rhs.dequantize(lhs.dtype),
+            dn,
+            preferred_element_type=jnp.float32,
+            **kwargs,
+        )
+
+    if not (_is_dense(lhs, rhs, dn) and rhs.perm is None):
+        y = _quantized_product(inliers, rhs, dn, kwargs) + masked_outliers()
+        return y.astype(out_dtype)
+    y = _kernel_matmul(inliers, _without_outliers(rhs))
+    y = _quantized_product(inliers, rhs, dn, kwargs) if y is None else y.astype(jnp.float32)
+    k = lhs.shape[-1]
+    score = jnp.max(jnp.abs(lhs.reshape(-1, k)), axis=0)  # [K]: the feature's largest |x|
+    top, idx = jax.lax.top_k(score, _outlier_capacity(k))
+
+    def gathered_outliers(_=None):
+        # In float32: the weight's rows rounded to `lhs.dtype` as the masked product does; a
+        # few rows, and XLA's CPU runtime has no bf16 x bf16 -> f32 dot outside its fusions.
+        x_o = jnp.where(top > threshold, jnp.take(lhs, idx, axis=-1), zero).astype(jnp.float32)
+        rows = take_rows(rhs, idx, lhs.dtype).astype(jnp.float32)
+        return jnp.dot(x_o, rows, precision=jax.lax.Precision.HIGHEST)
+
+    many = jnp.sum(score > threshold) > idx.shape[0]
+    return (y + jax.lax.cond(many, masked_outliers, gathered_outliers)).astype(out_dtype)
+
+
+def _without_outliers(rhs: QArray) -> QArray:
+    """An LLM.int8() weight as plain W8A8 (the product its inlier features take)."""
+    return dataclasses.replace(rhs, act=dataclasses.replace(rhs.act, outlier_threshold=None))
+
+
+def _outlier_capacity(k: int) -> int:
+    """Outlier features an LLM.int8() product over `k` features gathers (more take the masked
+    product): 1/64 of them, at least 16 (64 for K = 4096; models of 6.7B parameters and more
+    have about 7 systematic outlier features, Dettmers et al. 2022)."""
+    return min(k, max(16, k // 64))
+
+
+def _is_dense(lhs, rhs, dn) -> bool:
+    """Whether `dn` is a flax `Dense` product: `lhs`'s last axis with axis 0 of a 2-D `rhs`."""
+    return dn == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2 and not rhs.batch_shape
 
 
 def _outlier_features(lhs, contracting, threshold):

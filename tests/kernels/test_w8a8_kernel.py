@@ -268,7 +268,7 @@ W8A8_SPECS = {
         format="int8", granularity="group", group_size=128,
         activation=jqtz.QuantSpec(format="int8", granularity="group", group_size=128, axis=-1)),
         True),
-    "llm_int8": (default_spec("llm_int8"), False),  # outlier features: XLA
+    "llm_int8": (default_spec("llm_int8"), False),  # jqtz.nn sends its inliers (test_llm_int8)
     "fp8-block64": (fp8_spec("block128", block=64), False),  # the kernel's blocks are 128
     "int8-group32": (jqtz.QuantSpec(format="int8", granularity="group", group_size=32,
         activation=jqtz.QuantSpec(format="int8", granularity="channel", axis=-1)), False),

@@ -123,6 +123,45 @@ def test_linen_dense_detects_outliers_over_all_tokens_of_the_call():
     )
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_more_outliers_than_gathered_take_the_masked_product(monkeypatch, dtype):
+    """A `Dense` product multiplies its outlier features by their own rows of the weight, up
+    to `_outlier_capacity` of them; with more (4 here, capacity 2) it multiplies the masked
+    input by the whole dequantized weight. Both give the gather reference."""
+    from jqtz.nn import ops
+
+    x, w = _xw()
+    q = _weights(w, LLM_INT8)
+    x = x.astype(dtype)
+    gathered = dot_general(x, q, DN)
+    monkeypatch.setattr(ops, "_outlier_capacity", lambda k: 2)
+    masked = jax.jit(lambda x, q: dot_general(x, q, DN))(x, q)
+    ref = _reference(x.astype(jnp.float32), q, THRESHOLD)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(gathered, ref, **tol)
+    np.testing.assert_allclose(masked, ref, **tol)
+    np.testing.assert_allclose(gathered, masked, rtol=1e-5, atol=1e-4)
+
+
+def test_inliers_take_the_w8a8_kernel_on_a_gpu(monkeypatch):
+    """Kernels chosen as on an H100 (`use_pallas_kernels(interpret=True)`): the inlier
+    features' product runs on the W8A8 kernel (interpreted), the outliers' in XLA, and the
+    sum is the gather reference; lowered for CUDA, one kernel launch."""
+    from pallas_kernels import common
+
+    x, w = _xw()
+    q = _weights(w, LLM_INT8)
+    with jqtz.nn.use_pallas_kernels(interpret=True):
+        assert jqtz.nn.matmul_path(x, q) == "w8a8+outliers"
+        y = dot_general(x, q, DN)
+    np.testing.assert_allclose(y, _reference(x, q, THRESHOLD), rtol=1e-5, atol=1e-4)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # an H100, to lower for
+    monkeypatch.setattr(common, "gpu_compute_capability", lambda: (9, 0))
+    assert jqtz.nn.matmul_path(x, q) == "w8a8+outliers"
+    text = common.lower_for_cuda(lambda x, q: dot_general(x, q, DN), x, q)
+    assert text.count(common.TRITON_CUSTOM_CALL) == 1
+
+
 def test_bfloat16_inputs():
     x, w = _xw()
     q = _weights(w, LLM_INT8)
