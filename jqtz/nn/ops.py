@@ -370,7 +370,7 @@ def _llm_int8(lhs, rhs: QArray, dn, out_dtype, kwargs):
     zero = jnp.zeros((), lhs.dtype)
     inliers = jnp.where(outlier, zero, lhs)
 
-    def masked_outliers(_=None):
+    def masked_outliers():
         return jax.lax.dot_general(
             jnp.where(outlier, lhs, zero),
             rhs.dequantize(lhs.dtype),
@@ -384,18 +384,17 @@ def _llm_int8(lhs, rhs: QArray, dn, out_dtype, kwargs):
         return y.astype(out_dtype)
     y = _kernel_matmul(inliers, _without_outliers(rhs))
     y = _quantized_product(inliers, rhs, dn, kwargs) if y is None else y.astype(jnp.float32)
-    k = lhs.shape[-1]
-    score = jnp.max(jnp.abs(lhs.reshape(-1, k)), axis=0)  # [K]: the feature's largest |x|
-    top, idx = jax.lax.top_k(score, _outlier_capacity(k))
+    flags = outlier.reshape(-1).astype(jnp.int32)  # [K]
+    found, idx = jax.lax.top_k(flags, _outlier_capacity(flags.shape[0]))  # outliers first
 
-    def gathered_outliers(_=None):
+    def gathered_outliers():
         # In float32: the weight's rows rounded to `lhs.dtype` as the masked product does; a
         # few rows, and XLA's CPU runtime has no bf16 x bf16 -> f32 dot outside its fusions.
-        x_o = jnp.where(top > threshold, jnp.take(lhs, idx, axis=-1), zero).astype(jnp.float32)
+        x_o = jnp.where(found > 0, jnp.take(lhs, idx, axis=-1), zero).astype(jnp.float32)
         rows = take_rows(rhs, idx, lhs.dtype).astype(jnp.float32)
         return jnp.dot(x_o, rows, precision=jax.lax.Precision.HIGHEST)
 
-    many = jnp.sum(score > threshold) > idx.shape[0]
+    many = jnp.sum(flags) > idx.shape[0]
     return (y + jax.lax.cond(many, masked_outliers, gathered_outliers)).astype(out_dtype)
 
 
