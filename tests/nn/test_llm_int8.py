@@ -143,6 +143,7 @@ def test_more_outliers_than_gathered_take_the_masked_product(monkeypatch, dtype)
     np.testing.assert_allclose(gathered, masked, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 def test_inliers_take_the_w8a8_kernel_on_a_gpu(monkeypatch):
     """Kernels chosen as on an H100 (`use_pallas_kernels(interpret=True)`): the inlier
     features' product runs on the W8A8 kernel (interpreted), the outliers' in XLA, and the
