@@ -71,7 +71,7 @@ def dot_general(
             return y.astype(out_dtype)
     if rhs.act is None:
         w = rhs.dequantize(lhs.dtype)
-        y = jax.lax.dot_general(
+        y = _xla_dot(
             lhs, w, dimension_numbers, precision, preferred_element_type=jnp.float32, **kwargs
         )
         return y.astype(out_dtype)
@@ -290,6 +290,25 @@ def quantize_input(x, rhs: QArray) -> QArray:
     return quantize_unchecked(x, spec, block, scale, zero, np.dtype(jnp.float32))
 
 
+def _xla_dot(lhs, rhs, dn, *args, **kwargs):
+    """`jax.lax.dot_general` for the XLA path. On a CPU, a product of one row of bfloat16 or
+    int8 operands gets a row of zeros beside it: XLA's CPU runtime (jax 0.11.2) multiplies a
+    single row of those dtypes on a slow path (at 4096 x 4096 about 15x slower than two rows
+    on a 2-core machine, 2026-11-23; float16 is slow either way, float32 fast either way)."""
+    (lc, _), (lb, _) = dn
+    single = all(d == 1 for i, d in enumerate(lhs.shape) if i not in lc)
+    if (
+        single
+        and not lb
+        and lhs.dtype in (jnp.bfloat16, jnp.int8)
+        and jax.default_backend() == "cpu"
+    ):
+        pair = jnp.stack([lhs, jnp.zeros_like(lhs)])  # a new leading free axis
+        dn2 = ((tuple(d + 1 for d in lc), dn[0][1]), dn[1])
+        return jax.lax.dot_general(pair, rhs, dn2, *args, **kwargs)[0]
+    return jax.lax.dot_general(lhs, rhs, dn, *args, **kwargs)
+
+
 def _native_pair(a: formats.Format, w: formats.Format):
     """Accumulator dtype when the codes of `a` and `w` can be multiplied directly, else None."""
     int8 = formats.get("int8")
@@ -316,7 +335,7 @@ def _quantized_product(lhs, rhs: QArray, dn, kwargs):
     w_ok = all(rhs.block_shape[d] == rhs.shape[d] for d in rc)
     unary = not isinstance(rhs.scale, QArray) and rhs.zero_point is None and rhs.perm is None
     if acc_dtype is None or lb or rb or not (x_ok and w_ok and unary) or rhs.batch_shape:
-        return jax.lax.dot_general(
+        return _xla_dot(
             qx.dequantize(jnp.float32),
             rhs.dequantize(jnp.float32),
             dn,
@@ -325,9 +344,8 @@ def _quantized_product(lhs, rhs: QArray, dn, kwargs):
         )
     if rhs.transposed:  # codes stored [N, K]: contract their other axis (2-D, no batch axes)
         dn = ((lc, tuple(1 - d for d in rc)), (lb, rb))
-    acc = jax.lax.dot_general(
-        qx.qvalue, rhs.qvalue, dn, preferred_element_type=acc_dtype, **kwargs
-    ).astype(jnp.float32)
+    acc = _xla_dot(qx.qvalue, rhs.qvalue, dn, preferred_element_type=acc_dtype, **kwargs)
+    acc = acc.astype(jnp.float32)
     sx = jnp.squeeze(scales_per_index(qx), axis=lc)  # (lhs free dims)
     sw = jnp.squeeze(scales_per_index(rhs), axis=rc)  # (rhs free dims)
     return acc * sx.reshape(sx.shape + (1,) * sw.ndim) * sw
@@ -371,7 +389,7 @@ def _llm_int8(lhs, rhs: QArray, dn, out_dtype, kwargs):
     inliers = jnp.where(outlier, zero, lhs)
 
     def masked_outliers():
-        return jax.lax.dot_general(
+        return _xla_dot(
             jnp.where(outlier, lhs, zero),
             rhs.dequantize(lhs.dtype),
             dn,

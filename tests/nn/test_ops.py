@@ -161,6 +161,30 @@ def test_plain_operands_are_lax_dot_general():
     np.testing.assert_array_equal(dot_general(x, w, DN), jax.lax.dot_general(x, w, DN))
 
 
+@pytest.mark.parametrize("act", [None, "int8"], ids=["weight_only_bf16", "w8a8_int8"])
+def test_single_row_products_on_a_cpu_take_two_rows(act):
+    """XLA's CPU runtime multiplies one row of bf16 or int8 operands on a slow path, so the
+    XLA path multiplies two (a zero row beside it) and keeps the first: the same values as
+    the float32 product of the same operands; several rows are left as they are."""
+    aspec = None if act is None else jqtz.QuantSpec(format=act, axis=-1)
+    spec = jqtz.QuantSpec(format="int8", activation=aspec)
+    qw = jqtz.quantize(jax.random.normal(jax.random.key(0), (256, 64)), spec)
+    dn = (((2,), (0,)), ((), ()))
+    for rows, padded in ((1, True), (3, False)):
+        x = jax.random.normal(jax.random.key(1), (1, rows, 256)).astype(jnp.bfloat16)
+        jaxpr = str(jax.make_jaxpr(lambda x, q: dot_general(x, q, dn))(x, qw))
+        dtype = "bf16" if act is None else "i8"
+        assert (f"{dtype}[2,1,1,256]" in jaxpr) == padded
+        y = dot_general(x, qw, dn)
+        if act is None:
+            want = x.astype(jnp.float32) @ qw.dequantize(jnp.bfloat16).astype(jnp.float32)
+        else:
+            qx = jqtz.nn.ops.quantize_input(x, qw)
+            want = (qx.dequantize(jnp.float32) @ qw.dequantize(jnp.float32)).astype(y.dtype)
+        assert y.shape == (1, rows, 64)
+        np.testing.assert_allclose(np.float32(y), np.float32(want), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize(
     "spec",
     [
