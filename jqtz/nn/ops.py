@@ -383,8 +383,7 @@ def _llm_int8(lhs, rhs: QArray, dn, out_dtype, kwargs):
     instead (`lax.cond`: same result).
     """
     (lc, _), _ = dn
-    threshold = rhs.act.outlier_threshold
-    outlier = _outlier_features(lhs, lc, threshold)
+    outlier = _outlier_features(lhs, lc, rhs.act.outlier_threshold)
     zero = jnp.zeros((), lhs.dtype)
     inliers = jnp.where(outlier, zero, lhs)
 
