@@ -19,6 +19,7 @@ from pallas_kernels import common, w4a16
 
 __all__ = [
     "benchmark",
+    "check_mosaic_decode",
     "check_ragged",
     "k_major_candidates",
     "main",
@@ -134,6 +135,45 @@ def check_ragged(report, *, smoke=False) -> list[dict]:
                 err = common.relative_error(y, w4a16.reference(x, pw))
                 rows.append(dict(kernel="w4a16", case=name, m=m, n=n, k=k, rel_err=err))
                 report(f"w4a16 {name} M={m} N={n} K={k}: rel err {err:.1e}")
+    return rows
+
+
+def check_mosaic_decode(report, *, n=8192, k=8192, smoke=False) -> list[dict]:
+    """A first, short look at `w4a16.MosaicDecodeConfig` on a GPU (`python -m
+    pallas_kernels.w4a16 --mosaic-decode`), before a long sweep: a Mosaic GPU fault ends the
+    process's GPU work. For M = 1, 4 and 16 on a zero-point int4 `[k, n]` weight (groups of
+    128): the error against `w4a16.reference` and the time per call of the default product on
+    the `[K, N]` codes, Triton's on the same codes stored K-major, and the Mosaic decode
+    product with 64- and 128-column tiles. `smoke` runs the interpreter at M = 1 and 16 (no
+    timing worth reading). Returns one dict per (M, product)."""
+    import jqtz
+
+    spec = jqtz.QuantSpec(format="int4", granularity="group", group_size=128, symmetric=False)
+    q = jax.block_until_ready(jqtz.quantize(jax.random.normal(jax.random.key(0), (k, n)), spec))
+    pw = w4a16.prepare(q)
+    km = w4a16.prepare(q.with_transposed_codes())
+    copies = 1 if smoke else common.copies_to_miss_cache(sum(a.nbytes for a in jax.tree.leaves(pw)))
+    products = [
+        ("[K, N] default", [pw] + [jax.tree.map(jnp.copy, pw) for _ in range(copies - 1)], None),
+        ("K-major Triton", [km] + [jax.tree.map(jnp.copy, km) for _ in range(copies - 1)], None),
+    ]
+    kms = products[1][1]
+    products += [
+        ("K-major Mosaic tile 64", kms, w4a16.MosaicDecodeConfig()),
+        ("K-major Mosaic tile 128", kms, w4a16.MosaicDecodeConfig(tile_n=128)),
+    ]
+    rows = []
+    for m in (1, 16) if smoke else (1, 4, 16):
+        calls = 2 if smoke else 32
+        xs = jax.random.normal(jax.random.key(m), (calls, m, k), jnp.bfloat16)
+        ref = w4a16.reference(xs[0], pw)
+        for name, weights, cfg in products:
+            fn = functools.partial(w4a16.matmul, config=cfg, interpret=smoke)
+            err = common.relative_error(fn(xs[0], weights[0]), ref)
+            sets = [(xs[i], weights[i % len(weights)]) for i in range(calls)]
+            t = common.time_per_call(fn, sets, iters=1 if smoke else 20)
+            rows.append(dict(kernel="w4a16", case=name, m=m, n=n, k=k, us=t * 1e6, rel_err=err))
+            report(f"w4a16 M={m} N={n} K={k} {name}: {t * 1e6:.1f} us, rel err {err:.1e}")
     return rows
 
 
@@ -280,11 +320,17 @@ def profile_once(m: int, *, n: int = 8192, k: int = 8192, bits: int = 4, group: 
 
 def main(argv=None) -> int:
     """`python -m pallas_kernels.w4a16 --bench [--tune]`: the kernel vs bf16 XLA on a GPU;
-    `--profile M`: `profile_once(M)`, for a profiler."""
+    `--profile M`: `profile_once(M)`, for a profiler; `--mosaic-decode`:
+    `check_mosaic_decode`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", action="store_true", help="time the kernel on the GPU")
     parser.add_argument(
         "--profile", type=int, metavar="M", help="run the default product for M rows 3 times"
+    )
+    parser.add_argument(
+        "--mosaic-decode",
+        action="store_true",
+        help="check and time MosaicDecodeConfig (a short first call on a GPU)",
     )
     parser.add_argument("--tune", action="store_true", help="also sweep tune_candidates")
     parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
@@ -298,6 +344,11 @@ def main(argv=None) -> int:
             return 0
         print(profile_once(args.profile, bits=args.bits, group=args.group))
         return 0
+    if args.mosaic_decode:
+        if not common.require_gpu_or_exit("w4a16"):
+            return 0
+        rows = check_mosaic_decode(print)
+        return 0 if all(r["rel_err"] <= common.ERROR_BOUND for r in rows) else 1
     if not args.bench:
         parser.print_help()
         return 0

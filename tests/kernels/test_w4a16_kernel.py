@@ -413,6 +413,22 @@ def test_bench_entry_point_without_gpu(capsys):
     assert "no GPU" in capsys.readouterr().out
 
 
+def test_mosaic_decode_check_entry_point(capsys):
+    """`--mosaic-decode` (a GPU session's first, short call) checks the four decode products
+    against the reference at M = 1, 4, 16 (here interpreted on small shapes, M = 1 and 16);
+    without a GPU
+    the command says so and exits 0."""
+    lines = []
+    rows = w4a16.check_mosaic_decode(lines.append, n=256, k=256, smoke=True)
+    assert [(r["m"], r["case"]) for r in rows[:4]] == [
+        (1, "[K, N] default"), (1, "K-major Triton"), (1, "K-major Mosaic tile 64"),
+        (1, "K-major Mosaic tile 128"),
+    ]  # fmt: skip
+    assert len(rows) == len(lines) == 8 and all(r["rel_err"] < 1e-2 for r in rows)
+    assert w4a16.main(["--mosaic-decode"]) == 0
+    assert "no GPU" in capsys.readouterr().out
+
+
 def test_profile_entry_point(capsys):
     """`--profile M` runs the default product for a profiler (here in the interpreter on small
     shapes); without a GPU the command says so and exits 0."""
