@@ -66,15 +66,25 @@ def compile_sm90(ir: str, num_warps: int, num_stages: int) -> tuple[int, str, st
     """`(shared memory bytes, resource usage, SASS)` of Triton IR compiled for sm_90 by the
     `triton` package."""
     import triton
+    from triton._C.libtriton import ir as tir
     from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
 
+    target = GPUTarget("cuda", 90, 32)
     with tempfile.TemporaryDirectory() as tmp:
         src = pathlib.Path(tmp) / "kernel.ttir"
         src.write_text(ir)
+        # `triton.compile` skips the first stage's passes for IR given as a file; XLA runs them
+        # (its `MakeTTIR`: canonicalization, dot-add combining, ...), so run them here first.
+        backend, context = make_backend(target), tir.context()
+        tir.load_dialects(context)
+        backend.load_dialects(context)
+        module = tir.parse_mlir_module(str(src), context)
+        module.context = context
+        backend.make_ttir(module, {}, backend.parse_options({"num_warps": num_warps}), 90)
+        src.write_text(str(module))
         kernel = triton.compile(
-            str(src),
-            target=GPUTarget("cuda", 90, 32),
-            options={"num_warps": num_warps, "num_stages": num_stages},
+            str(src), target=target, options={"num_warps": num_warps, "num_stages": num_stages}
         )
         cubin = pathlib.Path(tmp) / "kernel.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -148,6 +158,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kind", default="int8", choices=("int8", "fp8", "float"))
     parser.add_argument("--context", type=int, default=16384)
     parser.add_argument("--config", help="a TuningConfig(...) expression (default: the kernel's)")
+    parser.add_argument("--dump", metavar="PATH", help="also write the full SASS to PATH")
     args = parser.parse_args(argv)
     try:
         import triton  # noqa: F401
@@ -158,6 +169,8 @@ def main(argv=None) -> int:
     print(f"{args.kernel}: {cfg}")
     for ir, warps, stages in triton_modules(fn, *fn_args):
         shared, usage, sass = compile_sm90(ir, warps, stages)
+        if args.dump:
+            pathlib.Path(args.dump).write_text(sass)
         regs = int(re.search(r"REG:(\d+)", usage).group(1))
         blocks = min(65536 // (regs * 32 * warps), 232_448 // max(shared, 1), 64 // warps)
         print(f"  {warps} warps, {stages} stages: {regs} registers per thread, {shared} bytes "

@@ -129,6 +129,11 @@ class TuningConfig:
         `MAX_FMA_ROWS` rows: each live row of `x` times the step's codes (converted to float32,
         zero points subtracted after the sum), summed over the step's K rows; no 16-row tile
         and no layout change of the weight through shared memory.
+      dequant_first: each step's codes become the weight itself, `(code - zero) * scale` in
+        float32 rounded once to the activation dtype (as XLA's dequantize-then-dot rounds), and
+        the products accumulate in place: no per-group work on the `[bm, bn]` partial product
+        (two float ops per output element and group), one multiply per weight instead. For
+        larger M (per weight, the work is shared by `block_m` rows); `fold_zero` is ignored.
     """
 
     block_m: int = 16
@@ -138,6 +143,7 @@ class TuningConfig:
     num_stages: int = 3
     fold_zero: bool = False
     tensor_cores: bool = True
+    dequant_first: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -336,6 +342,25 @@ def _lookup(codes, levels: tuple[float, ...]):
     return vals[0].astype(jnp.float32)
 
 
+def _interleave(parts):
+    """The `(rows, per_word * w)` tensor whose columns `per_word * j + p` are `parts[p][:, j]`
+    (a word's fields back in column order), by pairwise joins along a new last axis."""
+    if len(parts) == 1:
+        return parts[0]
+    pairs = jnp.stack([_interleave(parts[0::2]), _interleave(parts[1::2])], axis=-1)
+    return pairs.reshape(pairs.shape[0], -1)
+
+
+def _deinterleave(v, ways: int):
+    """`_interleave`'s inverse: `ways` (a power of two) tensors `(rows, w)` whose p-th holds
+    columns `ways * j + p` of `v (rows, ways * w)`, by pairwise splits of a last axis of 2."""
+    if ways == 1:
+        return [v]
+    even, odd = jnp.unstack(v.reshape(v.shape[0], -1, 2), axis=-1)
+    pairs = zip(_deinterleave(even, ways // 2), _deinterleave(odd, ways // 2), strict=True)
+    return [part for pair in pairs for part in pair]
+
+
 def _load(ref, mask):
     """`ref[...]`, through a masked load (zeros where `mask` is False) when there is a mask."""
     zero = jnp.zeros((), ref.dtype)  # typed: Triton has no int -> fp8 cast for `other=0`
@@ -360,6 +385,7 @@ def _kernel(
     groups_per_split,
     fold_zero,
     tensor_cores,
+    dequant_first,
 ):
     zero_ref = rest[0] if len(rest) == 2 else None
     o_ref = rest[-1]
@@ -376,7 +402,10 @@ def _kernel(
     act_dtype = x_ref.dtype
     # Sub-byte codes of columns `per_word*j + p` share word j: `per_word` narrow products per
     # step, whose results land on the columns p (mod per_word) (strided stores, once per tile).
-    cols = [pl.ds(p, wn, stride=per_word) for p in range(per_word)] if bits < 8 else [slice(None)]
+    # `dequant_first` interleaves the words' fields back into column order in registers
+    # instead: one product over the whole tile.
+    natural = dequant_first or bits == 8
+    cols = [slice(None)] if natural else [pl.ds(p, wn, stride=per_word) for p in range(per_word)]
     # The last tile may reach past N: its words there are masked loads of zeros (the codes are
     # not padded; scales and zero points are, in XLA), and those output columns are sliced off
     # by XLA.
@@ -389,20 +418,21 @@ def _kernel(
     fold = fold_zero and levels is None and 1 < bits < 8
     magic, base = (0x4300, 128.0) if act_dtype == jnp.bfloat16 else (0x6400, 1024.0)
 
-    def offset(srow, c):  # (1, width) float32: what each column's codes are offset by
-        if zero_ref is not None:
-            return zero_ref[pl.ds(srow, 1), c].astype(jnp.float32)
-        return jnp.full((1, 1), float(half), jnp.float32)  # two's complement, sign bit flipped
+    def per_plane(ref, srow):
+        """Row `srow` of `ref` (scales or zero points) as float32 `(1, width)` values for each
+        plane's columns: one contiguous load of the tile's row (pipelined with the codes), split
+        in registers, instead of a strided load per plane (a synchronous load every step)."""
+        v = ref[pl.ds(srow, 1), :].astype(jnp.float32)
+        return [v] if natural else _deinterleave(v, per_word)
 
-    def dequant(codes, srow, c):
-        """Codes of one step (kg, width) -> (code - zero) in the activation dtype (exact), or
-        the NF4 level (rounded once to the activation dtype)."""
-        if levels is not None:
-            return _lookup(codes, levels).astype(act_dtype)
-        v = codes.astype(jnp.float32)
-        if zero_ref is not None or bits < 8:
-            v = v - offset(srow, c)
-        return v.astype(act_dtype)
+    def dequant(codes, off, scale=None):
+        """Codes of one step (kg, width) -> (code - off) in the activation dtype (exact), or
+        the NF4 level (rounded once to the activation dtype); times `scale` (1, width) before
+        that rounding when given."""
+        v = _lookup(codes, levels) if levels is not None else codes.astype(jnp.float32)
+        if off is not None:
+            v = v - off
+        return (v if scale is None else v * scale).astype(act_dtype)
 
     def body(gi, accs):
         srow = gi * kg // qgroup
@@ -427,6 +457,19 @@ def _kernel(
             parts = tuple((word >> (bits * p)) & (2**bits - 1) for p in range(per_word))
             if signed:
                 parts = tuple(f ^ half for f in parts)
+        if natural:
+            parts = (_interleave(parts),)  # (kg, bn): the tile's columns in order
+        scales = per_plane(scale_ref, srow)
+        # What each column's codes are offset by: the zero point, or 2**(bits-1) for two's
+        # complement (sign bit flipped above); NF4 levels and signed 8-bit codes have none.
+        offsets = [None] * len(parts)
+        if zero_ref is not None:
+            offsets = per_plane(zero_ref, srow)
+        elif levels is None and bits < 8:
+            offsets = [jnp.full((1, 1), float(half), jnp.float32)] * len(parts)
+        if dequant_first:  # acc + x @ ((code - zero) * scale), the product accumulated in place
+            w = dequant(parts[0], offsets[0], scales[0])
+            return (accs[0] + jnp.dot(xg, w, preferred_element_type=jnp.float32),)
         out = []
         if not tensor_cores:  # the live rows of x as (kg, 1) float32 columns, and their sums
             k_live = None if not k % kg else gi * kg + iota((kg,), 0) < k
@@ -438,25 +481,23 @@ def _kernel(
             row = iota((bm, 1), 0)
         elif fold:
             xsum = jnp.sum(xg.astype(jnp.float32), axis=1, keepdims=True)  # (bm, 1)
-        for acc, codes, c in zip(accs, parts, cols, strict=True):
+        for acc, codes, scale, off in zip(accs, parts, scales, offsets, strict=True):
             if not tensor_cores:  # per row: sum_k x[k] * code[k, :], then - sum(x) * offset
                 w = _lookup(codes, levels) if levels is not None else codes.astype(jnp.float32)
-                shifted = levels is None and (zero_ref is not None or bits < 8)
-                off = offset(srow, c) if shifted else None
-                p = jnp.zeros((bm, wn), jnp.float32)
+                p = jnp.zeros((bm, w.shape[1]), jnp.float32)
                 for r, (xc, xs) in enumerate(zip(xcols, xsums, strict=True)):
-                    pr = jnp.sum(xc * w, axis=0, keepdims=True)  # (1, wn)
+                    pr = jnp.sum(xc * w, axis=0, keepdims=True)  # (1, width)
                     p = jnp.where(row == r, pr if off is None else pr - xs * off, p)
             elif fold:  # x @ (base + code) - (base + zero) * sum(x)
                 w16 = jax.lax.bitcast_convert_type(codes.astype(jnp.uint16) | magic, act_dtype)
                 p = jnp.dot(xg, w16, preferred_element_type=jnp.float32)
-                p = p - xsum * (base + offset(srow, c))
+                p = p - xsum * (base + off)
             else:
-                p = jnp.dot(xg, dequant(codes, srow, c), preferred_element_type=jnp.float32)
-            out.append(acc + p * scale_ref[pl.ds(srow, 1), c].astype(jnp.float32))
+                p = jnp.dot(xg, dequant(codes, off), preferred_element_type=jnp.float32)
+            out.append(acc + p * scale)
         return tuple(out)
 
-    init = tuple(jnp.zeros((bm, wn), jnp.float32) for _ in cols)
+    init = tuple(jnp.zeros((bm, wn * per_word // len(cols)), jnp.float32) for _ in cols)
     accs = jax.lax.fori_loop(start, stop, body, init)
     for plane, (acc, c) in enumerate(zip(accs, cols, strict=True)):
         if planes:  # columns p (mod per_word) in plane p: contiguous rows
@@ -549,7 +590,7 @@ def matmul(
     # are contiguous; XLA adds the splits and interleaves the planes in one fusion. A single
     # split writes the tile in place (rows past M are zeros, sliced off).
     planes = split > 1
-    n_planes = per_word
+    n_planes = 1 if cfg.dequant_first else per_word
     if planes:
         width = cfg.block_n // n_planes
         out_spec = pl.BlockSpec((None, n_planes, cfg.block_m, width), lambda i, j, s: (s, 0, i, j))
@@ -573,6 +614,7 @@ def matmul(
             groups_per_split=per_split,
             fold_zero=cfg.fold_zero,
             tensor_cores=cfg.tensor_cores,
+            dequant_first=cfg.dequant_first,
         ),
         grid=grid,
         in_specs=in_specs,

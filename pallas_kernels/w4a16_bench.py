@@ -29,14 +29,20 @@ __all__ = [
 
 
 def tune_candidates(m: int, n: int, num_groups: int, *, bits: int = 4) -> list:
-    """The configs `--tune` tries for `m` rows and `bits`-bit codes (the default first):
-    block_n, split-K and launch parameters around the default for decode; for larger M, Triton
-    block sizes and launch parameters alternating with `w4a16.MOSAIC_TUNE_CANDIDATES` (4-bit only),
-    so that a sweep cut short by its time budget has tried both lowerings. Decode configs
-    come with `fold_zero` on and off (on first), larger-M ones with it on (it won there by
-    1.6x); up to `w4a16.MAX_FMA_ROWS` rows the CUDA-core configs (`tensor_cores=False`) come
-    first."""
+    """The configs `--tune` tries for `m` rows and `bits`-bit codes, the default first.
+
+    Decode: block_n, split-K and launch parameters around the default, with `fold_zero` on and
+    off (on first); up to `w4a16.MAX_FMA_ROWS` rows the CUDA-core configs
+    (`tensor_cores=False`) come first. Larger M: the default's tiles with `dequant_first`
+    second (not yet timed on a GPU: like against like first), then Triton block sizes and
+    launch parameters with `dequant_first` and with `fold_zero` (it won there by 1.6x), and
+    from 256 rows a 256-row tile (two stages: three do not fit in shared memory), alternating
+    with `w4a16.MOSAIC_TUNE_CANDIDATES` (4-bit only) so that a sweep cut short by its time
+    budget has tried both lowerings.
+    """
     out = [w4a16.default_config(m, n, num_groups, bits=bits)]
+    if m > w4a16.SMALL_M:  # the default's tiles with `dequant_first` next: like against like
+        out.append(dataclasses.replace(out[0], dequant_first=True, fold_zero=False))
     fma = []
     if m <= w4a16.SMALL_M:
         triton = []
@@ -49,19 +55,22 @@ def tune_candidates(m: int, n: int, num_groups: int, *, bits: int = 4) -> list:
         if m <= w4a16.MAX_FMA_ROWS:
             fma = [dataclasses.replace(c, tensor_cores=False) for c in triton]
         mosaic = []
+        variants = [dict(fold_zero=True), dict(fold_zero=False)]
     else:
+        tiles = [(bm, bn, warps, 3) for bm in (64, 128) for bn in (128, 256)
+                 for warps in (4, 8)]  # fmt: skip
+        if m >= 256:
+            tiles.append((256, 128, 8, 2))
         triton = [
             w4a16.TuningConfig(
                 block_m=bm, block_n=bn, split_k=split, num_warps=warps, num_stages=st
             )
-            for bm in (64, 128)
-            for bn in (128, 256)
+            for bm, bn, warps, st in tiles
             for split in dict.fromkeys((w4a16.auto_split(m, n, num_groups, bm, bn), 1))
-            for warps, st in ((4, 3), (8, 3))
         ]
         mosaic = list(w4a16.MOSAIC_TUNE_CANDIDATES) if bits == 4 else []
-    folds = (True, False) if m <= w4a16.SMALL_M else (True,)  # above: 168 against 268 us at M = 64
-    triton = fma + [dataclasses.replace(c, fold_zero=f) for c in triton for f in folds]
+        variants = [dict(dequant_first=True), dict(fold_zero=True)]  # fold: 168 vs 268 us, M 64
+    triton = fma + [dataclasses.replace(c, **v) for c in triton for v in variants]
     while triton or mosaic:
         out += [c.pop(0) for c in (triton, mosaic) if c]
 

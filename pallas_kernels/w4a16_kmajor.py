@@ -108,12 +108,14 @@ def _kernel(x_ref, c_ref, s_ref, *rest, m, k, n, kg, qgroup, num_groups, groups_
 def matmul_rows(x2, w: PackedWeight, cfg: TuningConfig, *, out_dtype, interpret: bool):
     """`x2 [M, K] @ W` for a K-major 4-bit `PackedWeight` (`w.k_major`), with a Triton
     `TuningConfig` (its `block_m`, `block_n`, `split_k`, warps and stages; codes are always
-    folded as `fold_zero`, and `tensor_cores=False` is refused)."""
-    if not cfg.tensor_cores:
-        raise ValueError(
-            "TuningConfig(tensor_cores=False) reads codes packed along N; this weight's codes "
-            "are stored K-major (QArray.transposed): use tensor_cores=True"
-        )
+    folded as `fold_zero`; `tensor_cores=False` and `dequant_first` are refused)."""
+    for name in ("tensor_cores", "dequant_first"):
+        if getattr(cfg, name) != (name == "tensor_cores"):
+            raise ValueError(
+                f"TuningConfig({name}={getattr(cfg, name)}) reads codes packed along N; this "
+                f"weight's codes are stored K-major (QArray.transposed): leave {name} at its "
+                f"default"
+            )
     m = x2.shape[0]
     split, per_split = common.split_steps(cfg.split_k, w.num_groups)
     n_tiles = common.cdiv(w.n, cfg.block_n)

@@ -4,6 +4,7 @@ The smoke run executes every line of the GPU benchmark code (checks, timing, tun
 in the Pallas interpreter, so the first call on a lent GPU does not fail on a bug here.
 """
 
+import dataclasses
 import functools
 import json
 import time
@@ -180,7 +181,9 @@ def test_tune_candidates_are_valid_and_start_with_the_default():
             assert 8192 % (c.tile_n if isinstance(c, w4a16.MosaicConfig) else c.block_n) == 0
     assert not any(isinstance(c, w4a16.MosaicConfig) for c in w4a16.tune_candidates(16, 8192, 64))
     large = w4a16.tune_candidates(256, 8192, 64)  # both lowerings, alternating early on
-    assert isinstance(large[2], w4a16.MosaicConfig) and isinstance(large[3], w4a16.TuningConfig)
+    assert large[1] == dataclasses.replace(large[0], dequant_first=True, fold_zero=False)
+    assert isinstance(large[3], w4a16.MosaicConfig) and isinstance(large[4], w4a16.TuningConfig)
+    assert any(c.block_m == 256 and c.dequant_first for c in large[2:] if hasattr(c, "block_m"))
     assert set(w4a16.MOSAIC_TUNE_CANDIDATES) <= set(large)
 
 

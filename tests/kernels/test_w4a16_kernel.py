@@ -118,6 +118,28 @@ def test_cuda_core_path_matches_reference(name, act):
         w4a16.matmul(x5, pw, config=w4a16.TuningConfig(tensor_cores=False), interpret=True)
 
 
+@pytest.mark.parametrize("act", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_dequant_first_is_the_rounded_weight_times_x(name, act):
+    """`dequant_first`: each weight is `(code - zero) * scale` in float32, rounded once to the
+    activation dtype (what XLA's dequantize-then-dot multiplies), and the products accumulate
+    in float32: against `x @ that rounded weight`, only the summation order differs; against
+    the float32 reference, one rounding per weight (2^-9 bf16, 2^-12 f16, relative)."""
+    m, k, n, fmt, group, sym, extra = CASES[name]
+    qw = _qweight(k, n, fmt, group, sym, seed=len(name), **extra)
+    x = jax.random.normal(jax.random.key(m + 5), (m, k), act)
+    pw = w4a16.prepare(qw)
+    rounded = w4a16.dequantize(pw).astype(act).astype(jnp.float32)
+    ref = x.astype(jnp.float32)[:, pw.perm] if pw.perm is not None else x.astype(jnp.float32)
+    ref = jnp.dot(ref, rounded, precision=jax.lax.Precision.HIGHEST)
+    bm = 16 if m <= w4a16.SMALL_M else 64
+    for split in (1, 3):
+        cfg = w4a16.TuningConfig(block_m=bm, block_n=128, split_k=split, dequant_first=True)
+        y = w4a16.matmul(x, pw, config=cfg, interpret=True)
+        assert _rel(y, ref) < 1e-5, cfg
+        assert _rel(y, w4a16.reference(x, pw)) < (8e-3 if act == jnp.bfloat16 else 1e-3)
+
+
 def test_bf16_output_and_batch_dims():
     qw = _qweight(256, 128, "int4", 64, False)
     x = jax.random.normal(jax.random.key(3), (2, 3, 256), jnp.bfloat16)
@@ -294,6 +316,11 @@ def test_lowers_for_cuda(name):
         cfg = w4a16.TuningConfig(block_n=128, split_k=2, tensor_cores=False)
         fn = functools.partial(w4a16.matmul, config=cfg, out_dtype=jnp.bfloat16)
         assert common.lower_for_cuda(fn, x, pw).count(common.TRITON_CUSTOM_CALL) == 1
+    # `dequant_first` (one product over the tile's columns in order, accumulated in place).
+    cfg = w4a16.TuningConfig(block_m=16 if m <= 16 else 64, block_n=128, split_k=2,
+                             dequant_first=True)  # fmt: skip
+    fn = functools.partial(w4a16.matmul, config=cfg, out_dtype=jnp.bfloat16)
+    assert common.lower_for_cuda(fn, x, pw).count(common.TRITON_CUSTOM_CALL) == 1
 
 
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "zero_points"])
@@ -485,8 +512,9 @@ def test_k_major_act_order_and_refusals():
     y = w4a16.matmul(x, w4a16.prepare(qp), interpret=True)
     assert _rel(y, x.astype(jnp.float32) @ qp.dequantize(jnp.float32)) < 1e-5
     pw = w4a16.prepare(qw.with_transposed_codes())
-    with pytest.raises(ValueError, match="K-major"):
-        w4a16.matmul(x, pw, config=w4a16.TuningConfig(tensor_cores=False), interpret=True)
+    for cfg in (w4a16.TuningConfig(tensor_cores=False), w4a16.TuningConfig(dequant_first=True)):
+        with pytest.raises(ValueError, match="K-major"):
+            w4a16.matmul(x, pw, config=cfg, interpret=True)
     assert "K-major" in w4a16.mosaic_unsupported(pw)
 
 
