@@ -418,11 +418,16 @@ def _kernel(
     fold = fold_zero and levels is None and 1 < bits < 8
     magic, base = (0x4300, 128.0) if act_dtype == jnp.bfloat16 else (0x6400, 1024.0)
 
-    def per_plane(ref, srow):
-        """Row `srow` of `ref` (scales or zero points) as float32 `(1, width)` values for each
-        plane's columns: one contiguous load of the tile's row (pipelined with the codes), split
-        in registers, instead of a strided load per plane (a synchronous load every step)."""
-        v = ref[pl.ds(srow, 1), :].astype(jnp.float32)
+    def group_rows(gi):
+        """Step `gi`'s rows of the scales and zero points (None without), as stored."""
+        srow = gi * kg // qgroup
+        return tuple(None if r is None else r[pl.ds(srow, 1), :] for r in (scale_ref, zero_ref))
+
+    def per_plane(row):
+        """A row of scales or zero points as float32 `(1, width)` values for each plane's
+        columns: the tile's whole row, loaded contiguously a step ahead (below), and split in
+        registers, instead of a strided load per plane that each step would wait for."""
+        v = row.astype(jnp.float32)
         return [v] if natural else _deinterleave(v, per_word)
 
     def dequant(codes, off, scale=None):
@@ -434,8 +439,11 @@ def _kernel(
             v = v - off
         return (v if scale is None else v * scale).astype(act_dtype)
 
-    def body(gi, accs):
-        srow = gi * kg // qgroup
+    def body(gi, carry):
+        accs, (scale_row, zero_row) = carry
+        # The next step's scale and zero-point rows are loaded now, consumed a step later: the
+        # load's latency hides behind this step's work (the last step reloads its own rows).
+        ahead = group_rows(jnp.minimum(gi + 1, stop - 1))
         x_mask, c_mask = live, code_cols
         if k % kg:  # the last step reaches past K: its rows of x and of the codes are zeros
             x_mask = live & (gi * kg + iota((1, kg), 1) < k)
@@ -459,17 +467,17 @@ def _kernel(
                 parts = tuple(f ^ half for f in parts)
         if natural:
             parts = (_interleave(parts),)  # (kg, bn): the tile's columns in order
-        scales = per_plane(scale_ref, srow)
+        scales = per_plane(scale_row)
         # What each column's codes are offset by: the zero point, or 2**(bits-1) for two's
         # complement (sign bit flipped above); NF4 levels and signed 8-bit codes have none.
         offsets = [None] * len(parts)
         if zero_ref is not None:
-            offsets = per_plane(zero_ref, srow)
+            offsets = per_plane(zero_row)
         elif levels is None and bits < 8:
             offsets = [jnp.full((1, 1), float(half), jnp.float32)] * len(parts)
         if dequant_first:  # acc + x @ ((code - zero) * scale), the product accumulated in place
             w = dequant(parts[0], offsets[0], scales[0])
-            return (accs[0] + jnp.dot(xg, w, preferred_element_type=jnp.float32),)
+            return (accs[0] + jnp.dot(xg, w, preferred_element_type=jnp.float32),), ahead
         out = []
         if not tensor_cores:  # the live rows of x as (kg, 1) float32 columns, and their sums
             k_live = None if not k % kg else gi * kg + iota((kg,), 0) < k
@@ -495,10 +503,11 @@ def _kernel(
             else:
                 p = jnp.dot(xg, dequant(codes, off), preferred_element_type=jnp.float32)
             out.append(acc + p * scale)
-        return tuple(out)
+        return tuple(out), ahead
 
     init = tuple(jnp.zeros((bm, wn * per_word // len(cols)), jnp.float32) for _ in cols)
-    accs = jax.lax.fori_loop(start, stop, body, init)
+    first = group_rows(jnp.minimum(start, num_groups - 1))
+    accs, _ = jax.lax.fori_loop(start, stop, body, (init, first))
     for plane, (acc, c) in enumerate(zip(accs, cols, strict=True)):
         if planes:  # columns p (mod per_word) in plane p: contiguous rows
             dst = o_ref.at[pl.ds(plane, 1)]
