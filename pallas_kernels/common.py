@@ -44,6 +44,28 @@ def split_steps(splits: int, steps: int) -> tuple[int, int]:
     return cdiv(steps, per_split), per_split
 
 
+def fori_loop_rows_ahead(start, stop, body, init, rows, *, ahead: bool = True):
+    """`lax.fori_loop(start, stop, ...)` inside a kernel whose step `i` also reads small rows
+    `rows(i)` (a group's scales and zero points), given to `body(i, carry, rows_i)`.
+
+    With `ahead`, each step's rows are loaded one step earlier and carried through the loop, so
+    the load's latency hides behind a step's work instead of stalling it (Triton pipelines only
+    loads that feed a product); the last step reloads its own rows, and `rows` is never called
+    past `stop - 1`. It costs the carried registers: kernels at the register limit load in
+    the step instead (`ahead=False`).
+    """
+    if not ahead:
+        return jax.lax.fori_loop(start, stop, lambda i, acc: body(i, acc, rows(i)), init)
+
+    def step(i, carry):
+        acc, current = carry
+        following = rows(jnp.minimum(i + 1, stop - 1))  # issued first: a whole step to land
+        return body(i, acc, current), following
+
+    first = rows(jnp.minimum(start, stop - 1))
+    return jax.lax.fori_loop(start, stop, step, (init, first))[0]
+
+
 def round_up(a: int, b: int) -> int:
     """The smallest multiple of `b` that is >= `a`."""
     return cdiv(a, b) * b

@@ -425,7 +425,7 @@ def _kernel(
 
     def per_plane(row):
         """A row of scales or zero points as float32 `(1, width)` values for each plane's
-        columns: the tile's whole row, loaded contiguously a step ahead (below), and split in
+        columns: the tile's whole row, loaded contiguously a step ahead, and split in
         registers, instead of a strided load per plane that each step would wait for."""
         v = row.astype(jnp.float32)
         return [v] if natural else _deinterleave(v, per_word)
@@ -439,11 +439,8 @@ def _kernel(
             v = v - off
         return (v if scale is None else v * scale).astype(act_dtype)
 
-    def body(gi, carry):
-        accs, (scale_row, zero_row) = carry
-        # The next step's scale and zero-point rows are loaded now, consumed a step later: the
-        # load's latency hides behind this step's work (the last step reloads its own rows).
-        ahead = group_rows(jnp.minimum(gi + 1, stop - 1))
+    def body(gi, accs, group):
+        scale_row, zero_row = group  # loaded a step ahead (`common.fori_loop_rows_ahead`)
         x_mask, c_mask = live, code_cols
         if k % kg:  # the last step reaches past K: its rows of x and of the codes are zeros
             x_mask = live & (gi * kg + iota((1, kg), 1) < k)
@@ -477,7 +474,7 @@ def _kernel(
             offsets = [jnp.full((1, 1), float(half), jnp.float32)] * len(parts)
         if dequant_first:  # acc + x @ ((code - zero) * scale), the product accumulated in place
             w = dequant(parts[0], offsets[0], scales[0])
-            return (accs[0] + jnp.dot(xg, w, preferred_element_type=jnp.float32),), ahead
+            return (accs[0] + jnp.dot(xg, w, preferred_element_type=jnp.float32),)
         out = []
         if not tensor_cores:  # the live rows of x as (kg, 1) float32 columns, and their sums
             k_live = None if not k % kg else gi * kg + iota((kg,), 0) < k
@@ -503,11 +500,11 @@ def _kernel(
             else:
                 p = jnp.dot(xg, dequant(codes, off), preferred_element_type=jnp.float32)
             out.append(acc + p * scale)
-        return tuple(out), ahead
+        return tuple(out)
 
     init = tuple(jnp.zeros((bm, wn * per_word // len(cols)), jnp.float32) for _ in cols)
-    first = group_rows(jnp.minimum(start, num_groups - 1))
-    accs, _ = jax.lax.fori_loop(start, stop, body, (init, first))
+    # Ahead for decode tiles; larger ones are at the register limit (spills in the SASS).
+    accs = common.fori_loop_rows_ahead(start, stop, body, init, group_rows, ahead=bm <= 16)
     for plane, (acc, c) in enumerate(zip(accs, cols, strict=True)):
         if planes:  # columns p (mod per_word) in plane p: contiguous rows
             dst = o_ref.at[pl.ds(plane, 1)]

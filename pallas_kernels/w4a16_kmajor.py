@@ -69,13 +69,14 @@ def _kernel(x_ref, c_ref, s_ref, *rest, m, k, n, kg, qgroup, num_groups, groups_
     # (t ^ 8) is the code for unsigned formats, the code + 8 for signed ones.
     offset_signed = jnp.full((1, 1), base + 8.0, jnp.float32)
 
-    def offset(srow):  # (1, bn) float32: base + zero point per column
-        if z_ref is None:
-            return offset_signed
-        return base + z_ref[pl.ds(srow, 1), :].astype(jnp.float32)
-
-    def body(gi, acc):
+    def group_rows(gi):  # step gi's (1, bn) rows of the scales and zero points, as stored
         srow = gi * kg // qgroup
+        return tuple(None if r is None else r[pl.ds(srow, 1), :] for r in (s_ref, z_ref))
+
+    def body(gi, acc, group):
+        scale_row, zero_row = group  # loaded a step ahead (`common.fori_loop_rows_ahead`)
+        # (1, bn) float32: base + zero point per column
+        offset = offset_signed if z_ref is None else base + zero_row.astype(jnp.float32)
         j = iota((1, half), 1)
         k_even = gi * kg + 2 * j  # logical k of the even entries of this step
         x_mask_e, x_mask_o, c_mask = live, live, cols_ok
@@ -90,18 +91,19 @@ def _kernel(x_ref, c_ref, s_ref, *rest, m, k, n, kg, qgroup, num_groups, groups_
         lo = jax.lax.bitcast_convert_type((c & 15).astype(jnp.uint16) ^ flip, act)
         hi = jax.lax.bitcast_convert_type((c >> 4).astype(jnp.uint16) ^ flip, act)
         xsum = jnp.sum(xe.astype(jnp.float32) + xo.astype(jnp.float32), axis=1, keepdims=True)
-        scale = s_ref[pl.ds(srow, 1), :].astype(jnp.float32)  # (1, bn)
+        scale = scale_row.astype(jnp.float32)  # (1, bn)
         dn = (((1,), (1,)), ((), ()))
         if swap:  # the weight first: (bn, kg/2) x (bm, kg/2)^T -> (bn, bm)
             p = jax.lax.dot_general(lo, xe, dn, preferred_element_type=jnp.float32)
             p = p + jax.lax.dot_general(hi, xo, dn, preferred_element_type=jnp.float32)
-            return acc + (p - offset(srow).T * xsum.T) * scale.T
+            return acc + (p - offset.T * xsum.T) * scale.T
         p = jax.lax.dot_general(xe, lo, dn, preferred_element_type=jnp.float32)
         p = p + jax.lax.dot_general(xo, hi, dn, preferred_element_type=jnp.float32)
-        return acc + (p - xsum * offset(srow)) * scale
+        return acc + (p - xsum * offset) * scale
 
     init = jnp.zeros((bn, bm) if swap else (bm, bn), jnp.float32)
-    acc = jax.lax.fori_loop(start, stop, body, init)
+    # Ahead for decode tiles; larger ones are at the register limit (spills in the SASS).
+    acc = common.fori_loop_rows_ahead(start, stop, body, init, group_rows, ahead=swap)
     pltriton.store(o_ref, (acc.T if swap else acc).astype(o_ref.dtype), mask=live)
 
 
