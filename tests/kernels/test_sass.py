@@ -1,6 +1,7 @@
 """`pallas_kernels.sass`: the compiled kernel's instruction mix, without a GPU."""
 
 import importlib.util
+import re
 
 import pytest
 
@@ -41,3 +42,7 @@ def test_decode_gemv_compiles_for_sm90(capsys):
     assert sass.main(["w4a16", "--n", "1024", "--k", "1024", "--config", cfg]) == 0
     out = capsys.readouterr().out
     assert "registers per thread" in out and "HMMA" in out
+    # Scale and zero-point rows: one load each per step, issued a step ahead (not one strided
+    # load per plane that the step waits for).
+    waits = re.search(r"\bLDG (\d+)", out)
+    assert waits is None or int(waits.group(1)) <= 2, out
