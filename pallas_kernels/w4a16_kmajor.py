@@ -77,17 +77,30 @@ def _kernel(x_ref, c_ref, s_ref, *rest, m, k, n, kg, qgroup, num_groups, groups_
         scale_row, zero_row = group  # loaded a step ahead (`common.fori_loop_rows_ahead`)
         # (1, bn) float32: base + zero point per column
         offset = offset_signed if z_ref is None else base + zero_row.astype(jnp.float32)
-        j = iota((1, half), 1)
-        k_even = gi * kg + 2 * j  # logical k of the even entries of this step
-        x_mask_e, x_mask_o, c_mask = live, live, cols_ok
+        c_mask = cols_ok
         if k % kg:  # the last step reaches past K
-            x_mask_e = live & (k_even < k)
-            x_mask_o = live & (k_even + 1 < k)
-            c_mask = cols_ok & (gi * half + j < -(-k // 2))
+            c_mask = cols_ok & (gi * half + iota((1, half), 1) < -(-k // 2))
         pair = pl.ds(gi * half, half)  # bytes of codes, and pairs of x entries, of this step
         c = pltriton.load(c_ref.at[:, pair], mask=c_mask, other=0)
-        xe = pltriton.load(x_ref.at[:, pair, jnp.int32(0)], mask=x_mask_e, other=0)
-        xo = pltriton.load(x_ref.at[:, pair, jnp.int32(1)], mask=x_mask_o, other=0)
+
+        def x_mask(shape, entry):  # (rows, pairs[, 2]): rows past M, past K in the last step
+            rows_ok = live if len(shape) == 2 else live[:, :, None]
+            if not k % kg:
+                return rows_ok
+            return rows_ok & (gi * kg + 2 * iota(shape, 1) + entry < k)
+
+        if swap:  # decode: two strided loads of x's even and odd entries (a few per thread)
+            xe, xo = (
+                pltriton.load(x_ref.at[:, pair, jnp.int32(t)], mask=x_mask((1, half), t), other=0)
+                for t in (0, 1)
+            )
+        else:
+            # Larger tiles: x's pairs in one contiguous load (pipelined with the codes), split
+            # in registers; per-entry strided loads were 96 loads per thread that each step
+            # waited for (`python -m pallas_kernels.sass w4a16 --m 100 --k-major`). Decode keeps
+            # the strided loads: there the split costs Triton a layout that spills.
+            mask = x_mask((1, half, 2), iota((1, half, 2), 2))
+            xe, xo = jnp.unstack(pltriton.load(x_ref.at[:, pair, :], mask=mask, other=0), axis=-1)
         lo = jax.lax.bitcast_convert_type((c & 15).astype(jnp.uint16) ^ flip, act)
         hi = jax.lax.bitcast_convert_type((c >> 4).astype(jnp.uint16) ^ flip, act)
         xsum = jnp.sum(xe.astype(jnp.float32) + xo.astype(jnp.float32), axis=1, keepdims=True)
