@@ -586,7 +586,7 @@ def matmul(
         pl.BlockSpec((srows, cfg.block_n), lambda i, j, s: (0, j)),
     ]
     # Scales and zero points of a ragged N are padded (a copy of [ceil(K/g), N] values, not of
-    # the codes): the kernel reads them with strided loads, which have no masked form here.
+    # the codes): the kernel reads each step's row of the tile whole, unmasked.
     args = [x2, codes, common.pad_axis(w.scale, 1, n_out)]
     if w.zero is not None:
         in_specs.append(pl.BlockSpec((srows, cfg.block_n), lambda i, j, s: (0, j)))
