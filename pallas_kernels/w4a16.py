@@ -152,6 +152,11 @@ class TuningConfig:
                 raise ValueError(f"TuningConfig.{name} must be a power of two >= 16, got {v}")
         if self.split_k < 1:
             raise ValueError(f"TuningConfig.split_k must be >= 1, got {self.split_k}")
+        if self.dequant_first and not self.tensor_cores:
+            raise ValueError(
+                "TuningConfig(dequant_first=True) feeds the tensor cores; it cannot go with "
+                "tensor_cores=False: set one of them"
+            )
 
 
 #: Number of SMs on an H100 SXM; decode splits K until about two waves of programs exist.

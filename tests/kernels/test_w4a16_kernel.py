@@ -140,6 +140,11 @@ def test_dequant_first_is_the_rounded_weight_times_x(name, act):
         assert _rel(y, w4a16.reference(x, pw)) < (8e-3 if act == jnp.bfloat16 else 1e-3)
 
 
+def test_dequant_first_needs_the_tensor_cores():
+    with pytest.raises(ValueError, match=r"dequant_first=True.*tensor_cores=False"):
+        w4a16.TuningConfig(tensor_cores=False, dequant_first=True)
+
+
 def test_bf16_output_and_batch_dims():
     qw = _qweight(256, 128, "int4", 64, False)
     x = jax.random.normal(jax.random.key(3), (2, 3, 256), jnp.bfloat16)
