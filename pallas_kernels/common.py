@@ -13,9 +13,17 @@ import sys
 import time
 
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
+
+# Private: the Pallas Triton lowering table and Triton's MLIR dialect, for `fp8_dot` (jax is
+# pinned in pyproject.toml; the CUDA lowering tests fail if these move).
+from jax._src.lib.mlir import ir as _ir
+from jax._src.lib.triton import dialect as _tt
+from jax._src.pallas.triton import lowering as _triton_lowering
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.interpreters import mlir
 
 #: Custom-call target that the Pallas Triton lowering emits (checked by the lowering tests).
 TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
@@ -64,6 +72,65 @@ def fori_loop_rows_ahead(start, stop, body, init, rows, *, ahead: bool = True):
 
     first = rows(jnp.minimum(start, stop - 1))
     return jax.lax.fori_loop(start, stop, step, (init, first))[0]
+
+
+def fp8_dot(a: jax.Array, b: jax.Array, *, contract_b: int = 0, promote_every: int) -> jax.Array:
+    """`a [m, k] @ b` in float32 for float8 operands inside a Pallas Triton kernel, on Hopper's
+    fp8 tensor cores (`wgmma`, QGMMA in the SASS).
+
+    `b` is `[k, n]` (`contract_b=0`) or `[n, k]` (`contract_b=1`). Hopper's fp8 products
+    accumulate at reduced precision inside the tensor core (about 14 bits, DeepSeek-V3 report
+    §3.3.2), so Triton asks how many products of `k` may sum there before the partial sum is
+    added to a float32 accumulator: `promote_every` (at most `k`; 128 is DeepSeek's interval).
+    `jax.lax.dot_general` cannot say it, and Triton then refuses `wgmma` for float8 with a
+    float32 result: the codes are converted to float16 per element and multiplied at the 16-bit
+    rate (`mma.sync`, HMMA), less than half of the fp8 rate. Elsewhere (the Pallas interpreter,
+    XLA) this is the exact `lax.dot_general`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> a = jnp.full((2, 64), 0.5, jnp.float8_e4m3fn)
+      >>> b = jnp.full((4, 64), 2.0, jnp.float8_e4m3fn)
+      >>> fp8_dot(a, b, contract_b=1, promote_every=64)
+      Array([[64., 64., 64., 64.],
+             [64., 64., 64., 64.]], dtype=float32)
+    """
+    if a.ndim != 2 or b.ndim != 2 or contract_b not in (0, 1):
+        raise ValueError(f"fp8_dot takes 2-D operands and contract_b 0 or 1, got {a.shape}, "
+                         f"{b.shape}, contract_b={contract_b}")  # fmt: skip
+    k = a.shape[1]
+    if b.shape[contract_b] != k or not 0 < promote_every <= k:
+        raise ValueError(f"fp8_dot: {a.shape} @ {b.shape} (contract_b={contract_b}) with "
+                         f"promote_every={promote_every}: K must agree and 0 < promote_every "
+                         "<= K")  # fmt: skip
+    return _fp8_dot_p.bind(a, b, contract_b=contract_b, promote_every=promote_every)
+
+
+def _fp8_dot_exact(a, b, *, contract_b, promote_every):
+    del promote_every  # a hint for the tensor cores only
+    dims = (((1,), (contract_b,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _fp8_dot_abstract(a, b, *, contract_b, promote_every):
+    del promote_every
+    return jax.core.ShapedArray((a.shape[0], b.shape[1 - contract_b]), jnp.float32)
+
+
+def _fp8_dot_triton(ctx, a, b, *, contract_b, promote_every):
+    del ctx
+    if contract_b == 1:
+        b = _tt.trans(b, (1, 0))
+    m, n = _ir.RankedTensorType(a.type).shape[0], _ir.RankedTensorType(b.type).shape[1]
+    acc = _triton_lowering._zeros(_ir.RankedTensorType.get([m, n], _ir.F32Type.get()))
+    return _tt.dot(a, b, acc, max_num_imprecise_acc=promote_every)
+
+
+_fp8_dot_p = jex.core.Primitive("pallas_kernels_fp8_dot")
+_fp8_dot_p.def_impl(_fp8_dot_exact)
+_fp8_dot_p.def_abstract_eval(_fp8_dot_abstract)
+mlir.register_lowering(_fp8_dot_p, mlir.lower_fun(_fp8_dot_exact, multiple_results=False))
+_triton_lowering.register_lowering(_fp8_dot_p)(_fp8_dot_triton)
 
 
 def round_up(a: int, b: int) -> int:

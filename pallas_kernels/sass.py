@@ -5,6 +5,7 @@
     python -m pallas_kernels.sass w4a16 --m 1 --config "TuningConfig(block_n=128, split_k=16)"
     python -m pallas_kernels.sass w4a16 --m 1 --k-major            # codes stored [N, K/2]
     python -m pallas_kernels.sass decode_attention --kind int8     # B 8, 32/8 heads, D 128, 16k
+    python -m pallas_kernels.sass w8a8 --m 1024 --kind fp8 --block-scales --k-major
 
 The kernel is lowered for an H100 as CI lowers it (`common.lower_for_cuda`), the Triton IR
 that Pallas hands to XLA is taken from the lowering, and the `triton` package compiles it for
@@ -128,6 +129,22 @@ def _w4a16(args):
     return shown, lambda x, w: w4a16.matmul(x, w, config=cfg), (x, packed)
 
 
+def _w8a8(args):
+    from pallas_kernels import w8a8
+    from pallas_kernels.w8a8 import TuningConfig  # noqa: F401 (for --config)
+
+    dtype = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[args.kind]
+    kb = args.k // w8a8.SCALE_BLOCK if args.block_scales else 1
+    xq = jax.ShapeDtypeStruct((args.m, args.k), dtype)
+    wq = jax.ShapeDtypeStruct((args.n, args.k) if args.k_major else (args.k, args.n), dtype)
+    sx = jax.ShapeDtypeStruct((args.m, kb), jnp.float32)
+    sw = jax.ShapeDtypeStruct((kb, args.n), jnp.float32)
+    cfg = eval(args.config) if args.config else None
+    shown = cfg or w8a8.default_config(args.m)
+    fn = lambda *a: w8a8.matmul(*a, config=cfg, w_k_major=args.k_major)
+    return shown, fn, (xq, sx, wq, sw)
+
+
 def _decode_attention(args):
     from pallas_kernels import decode_attention as da
     from pallas_kernels.decode_attention import TuningConfig  # noqa: F401 (for --config)
@@ -148,14 +165,24 @@ def _decode_attention(args):
 def main(argv=None) -> int:
     """`python -m pallas_kernels.sass KERNEL [options]`; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kernel", choices=("w4a16", "decode_attention"))
+    parser.add_argument("kernel", choices=("w4a16", "w8a8", "decode_attention"))
     parser.add_argument("--m", type=int, default=1, help="w4a16: rows of x")
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--k", type=int, default=8192)
     parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     parser.add_argument("--group", type=int, default=128)
-    parser.add_argument("--k-major", action="store_true", help="w4a16: 4-bit codes stored K-major")
-    parser.add_argument("--kind", default="int8", choices=("int8", "fp8", "float"))
+    parser.add_argument("--k-major", action="store_true", help="w4a16, w8a8: codes stored K-major")
+    parser.add_argument(
+        "--kind",
+        default="int8",
+        choices=("int8", "fp8", "float"),
+        help="decode_attention: the pages; w8a8: the codes (int8 or fp8)",
+    )
+    parser.add_argument(
+        "--block-scales",
+        action="store_true",
+        help="w8a8: 1x128 activation and 128x128 weight scale blocks",
+    )
     parser.add_argument("--context", type=int, default=16384)
     parser.add_argument("--config", help="a TuningConfig(...) expression (default: the kernel's)")
     parser.add_argument("--dump", metavar="PATH", help="also write the full SASS to PATH")
@@ -165,7 +192,10 @@ def main(argv=None) -> int:
     except ImportError:
         print("triton is not installed: `pip install triton` (its compiler and cuobjdump)")
         return 0
-    cfg, fn, fn_args = (_w4a16 if args.kernel == "w4a16" else _decode_attention)(args)
+    if args.kernel == "w8a8" and args.kind == "float":
+        parser.error("w8a8 --kind must be int8 or fp8")
+    build = {"w4a16": _w4a16, "w8a8": _w8a8, "decode_attention": _decode_attention}
+    cfg, fn, fn_args = build[args.kernel](args)
     print(f"{args.kernel}: {cfg}")
     for ir, warps, stages in triton_modules(fn, *fn_args):
         shared, usage, sass = compile_sm90(ir, warps, stages)

@@ -6,8 +6,12 @@
   activation x per-channel weight scales (and per-tensor scales, broadcast), where both scales
   are applied once in the epilogue; 128 for DeepSeek-V3-style 1x128 activation groups and
   128x128 weight blocks, where each block's partial product is scaled as it is accumulated.
-- The codes are multiplied on the tensor cores exactly (int32 accumulation for int8; float32
-  for e4m3) and scaled in float32.
+- The codes are multiplied on the tensor cores and scaled in float32. int8 products sum
+  exactly in int32. e4m3 products are exact, but Hopper's fp8 `wgmma` sums them inside the
+  tensor core with fewer bits than float32 (about 14, DeepSeek-V3 §3.3.2): the Triton kernel
+  adds each 128 products' partial sum to float32 (`common.fp8_dot`, DeepSeek's interval), as
+  does the Mosaic GPU kernel with block scales; with one scale along K the Mosaic GPU kernel
+  sums the whole of K in `wgmma`'s accumulator (cuBLAS's "fast accumulation").
 
 Activations are quantized by XLA before the call (`quantize_rows`, per token, symmetric, which
 XLA can fuse into the producer of `x`).
@@ -195,7 +199,11 @@ def _kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, m, n, k, bk, k_per_scale, ac
         zero = jnp.zeros((), ref.dtype)  # `other=0` would need an int -> fp8 cast
         return ref[...] if mask is None else pltriton.load(ref, mask=mask, other=zero)
 
-    def body(ki, acc):
+    def scale_rows(ki):  # the step's scale block: sx (bm, 1) and sw (1, bn)
+        kb = ki // k_per_scale
+        return sx_ref[:, pl.ds(kb, 1)], sw_ref[pl.ds(kb, 1), :]
+
+    def body(ki, acc, scales):
         x_mask, w_mask = x_live, w_live
         if k % bk:
             x_mask = both(x_mask, ki * bk + iota((1, bk), 1) < k)
@@ -203,16 +211,22 @@ def _kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, m, n, k, bk, k_per_scale, ac
         xq = load(x_ref.at[:, pl.ds(ki * bk, bk)], x_mask)
         w_block = w_ref.at[:, pl.ds(ki * bk, bk)] if k_major else w_ref.at[pl.ds(ki * bk, bk), :]
         wq = load(w_block, w_mask)
-        part = jax.lax.dot_general(
-            xq, wq, (((1,), (w_axis,)), ((), ())), preferred_element_type=acc_dtype
-        ).astype(jnp.float32)
+        if acc_dtype == jnp.int32 or bm < 64:  # decode tiles: `mma.sync` either way
+            dims = (((1,), (w_axis,)), ((), ()))
+            part = jax.lax.dot_general(xq, wq, dims, preferred_element_type=acc_dtype)
+            part = part.astype(jnp.float32)
+        else:  # fp8 `wgmma`, promoted to float32 every 128 products (or once a shorter step)
+            part = common.fp8_dot(xq, wq, contract_b=w_axis, promote_every=min(bk, 128))
         if per_block:
-            kb = ki // k_per_scale
-            part = part * sx_ref[:, pl.ds(kb, 1)] * sw_ref[pl.ds(kb, 1), :]
+            sx, sw = scales
+            part = part * sx * sw
         return acc + part
 
-    acc = jax.lax.fori_loop(0, num_k, body, jnp.zeros((bm, bn), jnp.float32))
-    if not per_block:
+    init = jnp.zeros((bm, bn), jnp.float32)
+    if per_block:  # the scales a step ahead: Triton does not pipeline loads outside products
+        acc = common.fori_loop_rows_ahead(0, num_k, body, init, scale_rows)
+    else:
+        acc = jax.lax.fori_loop(0, num_k, lambda ki, acc: body(ki, acc, None), init)
         acc = acc * sx_ref[...] * sw_ref[...]
     o_ref[...] = acc.astype(o_ref.dtype)
 

@@ -30,6 +30,7 @@ CASES = {
     "fp8_token_channel_m1": (FP8, 1, 256, 128, None),
     "fp8_ragged_m5_k200_n72": (FP8, 5, 200, 72, None),
     "fp8_block128": (FP8, 20, 256, 256, 128),
+    "fp8_ragged_m70_k200_n72": (FP8, 70, 200, 72, None),  # 128-row tiles: fp8 `wgmma`
 }
 
 
@@ -172,6 +173,35 @@ def test_lowers_for_cuda(dtype, m):
         jax.ShapeDtypeStruct((1, n), jnp.float32),
     )
     assert common.TRITON_CUSTOM_CALL in common.lower_for_cuda(w8a8.matmul, *args)
+
+
+@pytest.mark.parametrize("block", [None, 128], ids=["channel", "block128"])
+@pytest.mark.parametrize("k_major", [False, True], ids=["kn", "nk"])
+@pytest.mark.parametrize("m", [1, 64, 1024])
+def test_fp8_products_ask_for_fp8_tensor_cores(m, k_major, block):
+    """From 64-row tiles the fp8 product tells Triton to promote its partial sums to float32
+    every 128 products (`maxNumImpreciseAcc`), without which Triton converts the codes to
+    float16 for `mma.sync`; decode tiles (16 rows) and int8 products are plain products."""
+    from pallas_kernels import sass
+
+    k, n = 512, 256
+    kb = k // w8a8.SCALE_BLOCK if block else 1
+
+    def dots(dtype):
+        args = (
+            jax.ShapeDtypeStruct((m, k), dtype),
+            jax.ShapeDtypeStruct((m, kb), jnp.float32),
+            jax.ShapeDtypeStruct((n, k) if k_major else (k, n), dtype),
+            jax.ShapeDtypeStruct((kb, n), jnp.float32),
+        )
+        fn = lambda *a: w8a8.matmul(*a, w_k_major=k_major)
+        [(ir, _, _)] = sass.triton_modules(fn, *args)
+        return [line for line in ir.splitlines() if "tt.dot" in line]
+
+    fp8, int8 = dots(FP8), dots(jnp.int8)
+    assert len(fp8) == 1 and len(int8) == 1
+    assert ("maxNumImpreciseAcc = 128" in fp8[0]) == (m >= 64), fp8
+    assert "maxNumImpreciseAcc" not in int8[0]
 
 
 @pytest.mark.parametrize("dtype", [jnp.int8, FP8], ids=["int8", "fp8"])
