@@ -7,11 +7,12 @@
   are applied once in the epilogue; 128 for DeepSeek-V3-style 1x128 activation groups and
   128x128 weight blocks, where each block's partial product is scaled as it is accumulated.
 - The codes are multiplied on the tensor cores and scaled in float32. int8 products sum
-  exactly in int32. e4m3 products are exact, but Hopper's fp8 `wgmma` sums them inside the
-  tensor core with fewer bits than float32 (about 14, DeepSeek-V3 §3.3.2): the Triton kernel
-  adds each 128 products' partial sum to float32 (`common.fp8_dot`, DeepSeek's interval), as
-  does the Mosaic GPU kernel with block scales; with one scale along K the Mosaic GPU kernel
-  sums the whole of K in `wgmma`'s accumulator (cuBLAS's "fast accumulation").
+  exactly in int32 (with one scale along K, over the whole of K: converted once). e4m3
+  products are exact, but Hopper's fp8 `wgmma` sums them inside the tensor core with fewer
+  bits than float32 (about 14, DeepSeek-V3 §3.3.2): the Triton kernel adds each 128
+  products' partial sum to float32 (`common.fp8_dot`, DeepSeek's interval), as does the
+  Mosaic GPU kernel with block scales; with one scale along K the Mosaic GPU kernel sums the
+  whole of K in `wgmma`'s accumulator (cuBLAS's "fast accumulation").
 
 Activations are quantized by XLA before the call (`quantize_rows`, per token, symmetric, which
 XLA can fuse into the producer of `x`).
@@ -185,6 +186,10 @@ def _kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, m, n, k, bk, k_per_scale, ac
     bm, bn = o_ref.shape
     num_k = -(-k // bk)
     per_block = k_per_scale > 0  # scales change along K: apply them every step
+    # int8 with one scale along K: the int32 products sum in place (exact, converted once),
+    # while no sum of K products of 8-bit codes (at most 128² each) can overflow int32.
+    exact = acc_dtype == jnp.int32 and not per_block and k * 128**2 < 2**31
+    sum_dtype = jnp.int32 if exact else jnp.float32
     w_axis = 1 if k_major else 0  # the weight block's K axis: [bn, K] or [K, bn]
     iota = functools.partial(jax.lax.broadcasted_iota, jnp.int32)
     x_live = (pl.program_id(0) * bm + iota((bm, 1), 0) < m) if m % bm else None
@@ -214,7 +219,7 @@ def _kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, m, n, k, bk, k_per_scale, ac
         if acc_dtype == jnp.int32 or bm < 64:  # decode tiles: `mma.sync` either way
             dims = (((1,), (w_axis,)), ((), ()))
             part = jax.lax.dot_general(xq, wq, dims, preferred_element_type=acc_dtype)
-            part = part.astype(jnp.float32)
+            part = part.astype(sum_dtype)
         else:  # fp8 `wgmma`, promoted to float32 every 128 products (or once a shorter step)
             part = common.fp8_dot(xq, wq, contract_b=w_axis, promote_every=min(bk, 128))
         if per_block:
@@ -222,12 +227,12 @@ def _kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, m, n, k, bk, k_per_scale, ac
             part = part * sx * sw
         return acc + part
 
-    init = jnp.zeros((bm, bn), jnp.float32)
+    init = jnp.zeros((bm, bn), sum_dtype)
     if per_block:  # the scales a step ahead: Triton does not pipeline loads outside products
         acc = common.fori_loop_rows_ahead(0, num_k, body, init, scale_rows)
     else:
         acc = jax.lax.fori_loop(0, num_k, lambda ki, acc: body(ki, acc, None), init)
-        acc = acc * sx_ref[...] * sw_ref[...]
+        acc = acc.astype(jnp.float32) * sx_ref[...] * sw_ref[...]
     o_ref[...] = acc.astype(o_ref.dtype)
 
 

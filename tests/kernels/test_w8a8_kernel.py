@@ -204,6 +204,28 @@ def test_fp8_products_ask_for_fp8_tensor_cores(m, k_major, block):
     assert "maxNumImpreciseAcc" not in int8[0]
 
 
+@pytest.mark.parametrize(
+    "k, block, carried",
+    [(512, None, "i32"), (2**17, None, "f32"), (512, 128, "f32")],
+    ids=["int32-sum", "k-could-overflow", "block-scales"],
+)
+def test_int8_products_sum_in_int32_while_they_cannot_overflow(k, block, carried):
+    """With one scale along K the loop carries the int32 sum (IGMMA accumulates in place, one
+    conversion in the epilogue); past 2**31 / 128**2 products, and with block scales, float32."""
+    from pallas_kernels import sass
+
+    kb = k // w8a8.SCALE_BLOCK if block else 1
+    args = (
+        jax.ShapeDtypeStruct((1, k), jnp.int8),
+        jax.ShapeDtypeStruct((1, kb), jnp.float32),
+        jax.ShapeDtypeStruct((k, 64), jnp.int8),
+        jax.ShapeDtypeStruct((kb, 64), jnp.float32),
+    )
+    [(ir, _, _)] = sass.triton_modules(w8a8.matmul, *args)
+    loops = [line for line in ir.splitlines() if "scf.for" in line]
+    assert len(loops) == 1 and f"-> (tensor<16x64x{carried}>" in loops[0], loops
+
+
 @pytest.mark.parametrize("dtype", [jnp.int8, FP8], ids=["int8", "fp8"])
 @pytest.mark.parametrize("m, k, n", [(1, 576, 192), (100, 200, 72)], ids=["smollm2", "ragged"])
 def test_codes_are_read_in_place(dtype, m, k, n):
