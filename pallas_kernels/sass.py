@@ -98,7 +98,7 @@ def compile_sm90(ir: str, num_warps: int, num_stages: int) -> tuple[int, str, st
 def loop_mix(sass: str) -> tuple[int, dict[str, int]]:
     """`(instructions, {opcode: count})` of the innermost loop's body: the instructions from a
     backward branch's target to the branch, the last such loop in the code."""
-    instrs = [(int(m.group(1), 16), m.group(2)) for m in _INSTR.finditer(sass)]
+    instrs = _instructions(sass)
     loop = None
     for addr, text in instrs:
         target = re.search(r"\bBRA (0x[0-9a-f]+)", text)
@@ -106,7 +106,14 @@ def loop_mix(sass: str) -> tuple[int, dict[str, int]]:
             loop = (int(target.group(1), 16), addr)
     if loop is None:
         return 0, {}
-    body = [t for a, t in instrs if loop[0] <= a <= loop[1]]
+    return _mix([t for a, t in instrs if loop[0] <= a <= loop[1]])
+
+
+def _instructions(sass: str) -> list[tuple[int, str]]:
+    return [(int(m.group(1), 16), m.group(2)) for m in _INSTR.finditer(sass)]
+
+
+def _mix(body: list[str]) -> tuple[int, dict[str, int]]:
     ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body]
     return len(body), dict(collections.Counter(ops).most_common())
 
@@ -206,7 +213,11 @@ def main(argv=None) -> int:
         print(f"  {warps} warps, {stages} stages: {regs} registers per thread, {shared} bytes "
               f"of shared memory per block: {blocks} blocks per SM at most")  # fmt: skip
         count, mix = loop_mix(sass)
-        print(f"  innermost loop body: {count} instructions per warp")
+        if count:
+            print(f"  innermost loop body: {count} instructions per warp")
+        else:  # a static trip count short enough for ptxas to unroll the loop
+            count, mix = _mix([t for _, t in _instructions(sass)])
+            print(f"  no loop (unrolled, or no steps): whole kernel {count} instructions per warp")
         print("   " + ", ".join(f"{op} {n}" for op, n in mix.items()))
     sys.stdout.flush()
     return 0

@@ -7,6 +7,8 @@ import pytest
 
 from pallas_kernels import sass
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Pallas Triton lowering
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 SASS = """
@@ -37,6 +39,16 @@ def test_without_triton_the_command_says_what_to_install(capsys):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs the triton package (not a jqtz dependency)")
+def test_an_unrolled_kernel_is_read_whole(capsys):
+    """A short static loop (8 K steps) that ptxas unrolls has no backward branch: the tool says
+    so and counts the whole kernel instead of printing an empty loop."""
+    args = ["w8a8", "--kind", "fp8", "--m", "256", "--n", "256", "--k", "1024", "--k-major"]
+    assert sass.main(args) == 0
+    out = capsys.readouterr().out
+    assert "no loop (unrolled, or no steps): whole kernel" in out and "QGMMA" in out, out
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs the triton package (not a jqtz dependency)")
 def test_decode_gemv_compiles_for_sm90(capsys):
     cfg = "TuningConfig(block_n=128, split_k=1, fold_zero=True)"  # a loop of 8 K steps
     assert sass.main(["w4a16", "--n", "1024", "--k", "1024", "--config", cfg]) == 0
@@ -46,3 +58,15 @@ def test_decode_gemv_compiles_for_sm90(capsys):
     # load per plane that the step waits for).
     waits = re.search(r"\bLDG (\d+)", out)
     assert waits is None or int(waits.group(1)) <= 2, out
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs the triton package (not a jqtz dependency)")
+def test_fp8_product_runs_on_fp8_tensor_cores(capsys):
+    """From 64-row tiles the fp8 W8A8 step is fp8 `wgmma` (QGMMA), not codes converted to
+    float16 for `mma.sync` (F2FP, HMMA); int8 sums stay int32 (no I2FP in the loop)."""
+    for kind, want, unwanted in (("fp8", "QGMMA", ("HMMA", "F2FP")), ("int8", "IGMMA", ("I2FP",))):
+        args = ["w8a8", "--kind", kind, "--m", "256", "--n", "256", "--k", "4096", "--k-major"]
+        assert sass.main(args) == 0
+        out = capsys.readouterr().out
+        loop = out.split("innermost loop body:")[1]  # 32 K steps: a loop
+        assert want in loop and not any(f" {op} " in loop for op in unwanted), out
