@@ -175,6 +175,14 @@ class TuningConfig:
         quarter of the rate of other arithmetic on an H100), and their products run in
         float16 (queries and probabilities rounded to float16 instead of the query dtype:
         3 more mantissa bits than bfloat16). bf16/f16 queries only; other pages ignore it.
+      int8_queries: over int8 keys with one scale per token and head, the scores are int8
+        products (SageAttention's quantized `q kᵀ`, Zhang et al. 2025): each query head's
+        row `q / sqrt(D)` is quantized symmetrically to int8 (one float32 scale per head, in
+        XLA before the call) and multiplied with the key codes as they are stored, exactly
+        in int32, then scaled by both scales. The key codes reach the tensor cores with no
+        conversion; the queries' rounding (at most half a step of `max|q| / 127` per channel)
+        is the price. Other keys ignore it. ``jqtz``'s cache sets it from
+        ``KVQuantSpec(int8_queries=True)``, whose XLA path rounds the queries the same way.
     """
 
     num_splits: int | None = None
@@ -182,6 +190,7 @@ class TuningConfig:
     num_stages: int = 2
     pages_per_step: int | None = None
     int8_via_f16: bool = False
+    int8_queries: bool = False
 
     def __post_init__(self):
         if self.num_splits is not None and self.num_splits < 1:
@@ -239,12 +248,15 @@ def _int8_as_f16(codes):
 
 
 def _kernel(
-    *refs, layout, page, per_step, steps_per_split, head_dim, compute_dtype, precision, via_f16
-):
+    *refs, layout, page, per_step, steps_per_split, head_dim, compute_dtype, precision, via_f16,
+    int8_q
+):  # fmt: skip
     k_kind, k_channel, k_off, v_kind, v_off, k_groups, v_groups = layout
     refs = list(refs)
-    lengths_ref, tables_ref, q_ref, kc_ref = refs[:4]
-    del refs[:4]
+    lengths_ref, tables_ref, q_ref = refs[:3]
+    del refs[:3]
+    qs_ref = refs.pop(0) if int8_q else None  # (bh,) float32 scales of int8 query rows
+    kc_ref = refs.pop(0)
     ks_ref = refs.pop(0) if k_kind != "float" else None
     ko_ref = refs.pop(0) if k_off else None
     vc_ref = refs.pop(0)
@@ -267,6 +279,7 @@ def _kernel(
     q_groups = [[q_ref[:, pl.ds(st, sz)] for st, sz in parts] for parts, _ in k_slices]
     q_sums = [sum(jnp.sum(qp.astype(jnp.float32), axis=1) for qp in qg) for qg in q_groups]
     bh = q_groups[0][0].shape[0]
+    q_scale = qs_ref[...][:, None] if int8_q else None
 
     def dot(a, b, contract_b):  # a (bh, c) with b (page, c) or (c, page) -> float32
         dtype = compute_dtype
@@ -294,7 +307,13 @@ def _kernel(
                     kp.astype(jnp.float32) * sc + o
                     for kp, sc, o in zip(k_parts, scales, offs, strict=True)
                 ]
-            sg = sum(dot(qp, kp, 1) for qp, kp in zip(q_groups[gi], k_parts, strict=True))
+            if int8_q:  # `TuningConfig.int8_queries`: exact int32 products of the codes
+                dims = (((1,), (1,)), ((), ()))
+                sg = jax.lax.dot_general(q_groups[gi][0], k_parts[0], dims,
+                                         preferred_element_type=jnp.int32)  # fmt: skip
+                sg = sg.astype(jnp.float32) * q_scale
+            else:
+                sg = sum(dot(qp, kp, 1) for qp, kp in zip(q_groups[gi], k_parts, strict=True))
             if k_token_scales:  # per token (and group): scale the group's scores
                 sg = sg * token_row(ks_ref, p, gi)
                 if k_off:
@@ -413,6 +432,24 @@ def _scaled_queries(q, hkv: int, rows: int, *, deinterleave: bool = False):
     return common.pad_axis(qs.reshape(b, hkv, h // hkv, d), 2, rows)
 
 
+def quantize_queries(qs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rows of ``qs (..., D)`` as symmetric int8 codes with one float32 scale per row,
+    ``max|row| / 127`` (1 for a zero row): ``(codes (..., D) int8, scales (...))``, for
+    :class:`TuningConfig`'s ``int8_queries``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> codes, scale = quantize_queries(jnp.array([[0.5, -1.0, 0.25], [0.0, 0.0, 0.0]]))
+      >>> codes.tolist(), scale.tolist()
+      ([[64, -127, 32], [0, 0, 0]], [0.007874015718698502, 1.0])
+    """
+    x = qs.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1) / 127
+    scale = jnp.where(scale == 0, 1.0, scale)
+    codes = jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8)
+    return codes, scale
+
+
 def _triton_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: TuningConfig, interpret):
     """The Triton kernel: per-program partial outputs ``(B, Hkv, splits, rows, D)`` (rows: the
     ``G`` query heads padded to 16 or a power of two) with their running max and sum, merged by
@@ -426,6 +463,10 @@ def _triton_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: TuningC
     tables = tables.reshape(b, splits, pps)
     compute = np.dtype(q.dtype)
     qs = _scaled_queries(q, hkv, bh, deinterleave=k.kind == "int4")
+    int8_q = cfg.int8_queries and k.kind == "int8" and not k.per_channel and k.groups == 1
+    q_scale = None
+    if int8_q:
+        qs, q_scale = quantize_queries(qs)
 
     layout = (k.kind, k.per_channel, k.offset is not None, v.kind, v.offset is not None,
               k.groups, v.groups)  # fmt: skip
@@ -434,13 +475,17 @@ def _triton_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: TuningC
     per_channel = lambda: pl.BlockSpec((n_pages, None, d), lambda i, j, s: (0, j, 0))
     codes_spec = lambda c: pl.BlockSpec((n_pages, page, None, c.shape[-1]),
                                         lambda i, j, s: (0, 0, j, 0))  # fmt: skip
-    args = [lengths.astype(jnp.int32), tables, qs, k.codes]
+    args = [lengths.astype(jnp.int32), tables, qs]
     specs = [
         pl.BlockSpec((1,), lambda i, j, s: (i,)),
         pl.BlockSpec((None, None, pps), lambda i, j, s: (i, s, 0)),
         pl.BlockSpec((None, None, bh, d), lambda i, j, s: (i, j, 0, 0)),
-        codes_spec(k.codes),
     ]
+    if int8_q:
+        args.append(q_scale)
+        specs.append(pl.BlockSpec((None, None, bh), lambda i, j, s: (i, j, 0)))
+    args.append(k.codes)
+    specs.append(codes_spec(k.codes))
     for arr in (k.scale, k.offset):
         if arr is not None:
             args.append(arr if k.per_channel else grouped(arr))
@@ -463,6 +508,7 @@ def _triton_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: TuningC
             compute_dtype=compute,
             precision=precision,
             via_f16=cfg.int8_via_f16 and compute != np.dtype(jnp.float32),
+            int8_q=int8_q,
         ),
         grid=(b, hkv, splits),
         in_specs=specs,

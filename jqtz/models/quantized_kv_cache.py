@@ -100,6 +100,13 @@ class KVQuantSpec:
         value_group_size: channels per value scale; ``None``: the whole head.
         scale_dtype: dtype of stored scales and offsets (float16, bfloat16 or float32). Codes
             are computed with the rounded scale, so a narrow scale dtype adds no rounding error.
+        int8_queries: round each query head's ``q / sqrt(D)`` (in the query dtype) to int8
+            codes with one scale, ``max|q| / 127``, before its scores with the keys
+            (SageAttention's int8 ``q kᵀ``). int8 keys with one scale per token and head and
+            no residual window only. The decode-attention kernel then multiplies the key codes
+            as stored, in int32 on the tensor cores, instead of converting each to 16 bits
+            (``pallas_kernels.decode_attention.TuningConfig.int8_queries``); the XLA path
+            rounds the queries the same way, so both compute the same attention.
 
     Example:
         >>> KVQuantSpec(kind="int4").residual, KVQuantSpec(kind="int8").group_size
@@ -113,6 +120,7 @@ class KVQuantSpec:
     key_group_size: int | None = None
     value_group_size: int | None = None
     scale_dtype: Any = jnp.float16
+    int8_queries: bool = False
 
     def __post_init__(self):
         if self.kind not in _KINDS:
@@ -143,6 +151,15 @@ class KVQuantSpec:
         if dtype.name not in _SCALE_DTYPES:
             raise ValueError(f"`scale_dtype` must be one of {_SCALE_DTYPES}, got {dtype.name}.")
         set_("scale_dtype", dtype)
+        if self.int8_queries:
+            token_keys = self.key_granularity == "token" and self.key_group_size is None
+            if self.kind != "int8" or not token_keys or self.residual:
+                raise ValueError(
+                    "`int8_queries` needs int8 keys with one scale per token and head and no "
+                    f"residual window; got kind={self.kind!r}, key_granularity="
+                    f"{self.key_granularity!r}, key_group_size={self.key_group_size}, "
+                    f"residual={self.residual}. Drop `int8_queries` or use such keys."
+                )
 
     @property
     def format(self) -> formats.Format:
@@ -501,6 +518,7 @@ class QuantizedKVCache:
         if not da.can_use(q[:, 0], *pages[:2], **kw):
             return "xla"
         mosaic = pallas_lowering() == "mosaic" and common.is_hopper(**kw)
+        mosaic = mosaic and not self.spec.int8_queries  # int8 scores: Triton only
         if mosaic and not da.mosaic_unsupported(q[:, 0], *pages[:2]):
             return "kernel-mosaic"
         return "kernel"
@@ -539,6 +557,8 @@ class QuantizedKVCache:
         b = q.shape[0]
         lengths = jnp.broadcast_to(self.flushed, (b,))
         config = da.MosaicConfig() if mosaic else None
+        if self.spec.int8_queries:  # the Triton kernel's int8 scores (Mosaic GPU has none)
+            config = da.TuningConfig(int8_queries=True)
         out, lse = da.decode_attention(
             q[:, 0], k, v, lengths, tables, config=config, interpret=interpret
         )
@@ -563,6 +583,14 @@ class QuantizedKVCache:
 
     def _attend_xla(self, q: jax.Array) -> jax.Array:
         keys, values = self.dequantize()  # (B, S, Hkv, D)
+        if self.spec.int8_queries:  # float32 attention with the kernel's rounded queries
+            from pallas_kernels import decode_attention as da
+
+            d = self.head_dim
+            codes, scale = da.quantize_queries((q.astype(jnp.float32) * d**-0.5).astype(q.dtype))
+            rounded = codes.astype(jnp.float32) * (scale[..., None] * d**0.5)
+            f32 = lambda x: x.astype(jnp.float32)
+            return causal_attention(rounded, f32(keys), f32(values), self.length).astype(q.dtype)
         # Causal: positions at or past `length` lie beyond every query.
         return causal_attention(q, keys, values, self.length)
 

@@ -519,3 +519,80 @@ def test_int8_pages_via_float16_codes(q_dtype):
         lambda *a: da.decode_attention(*a, config=cfg), q, k, v, lengths, tables
     )
     assert common.TRITON_CUSTOM_CALL in text
+
+
+@pytest.mark.parametrize("q_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("via_f16", [False, True], ids=["values-q", "values-f16"])
+def test_int8_queries(q_dtype, via_f16):
+    """`int8_queries`: the scores are exact int32 products of int8 query rows and the key
+    codes. Against the reference given the same rounded queries, the kernel keeps its usual
+    bound; against the unrounded queries it adds the queries' rounding (a few 1e-3)."""
+    q = jax.random.normal(jax.random.key(0), (2, 8, 128), q_dtype)
+    kv = jax.random.normal(jax.random.key(1), (2, 2, 256, 2, 128))
+    k, tables = da.contiguous_tables(*da.quantize_tokens(kv[0], "int8"), page=64)
+    v, _ = da.contiguous_tables(*da.quantize_tokens(kv[1], "int8"), page=64)
+    lengths = jnp.array([200, 7])
+    cfg = da.TuningConfig(int8_queries=True, int8_via_f16=via_f16)
+    out, _ = da.decode_attention(q, k, v, lengths, tables, config=cfg, interpret=True)
+
+    def rel(a, b):
+        a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+        return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+    # The queries the kernel multiplies: q / sqrt(D) in q's dtype, rounded to int8 per head.
+    scaled = (q.astype(jnp.float32) * 128**-0.5).astype(q_dtype)
+    codes, scale = da.quantize_queries(scaled)
+    rounded = codes.astype(jnp.float32) * scale[..., None] * 128**0.5
+    ref_rounded, _ = da.reference(rounded, k, v, lengths, tables)
+    ref, _ = da.reference(q.astype(jnp.float32), k, v, lengths, tables)
+    assert rel(out, ref_rounded) < 5e-3
+    assert rel(out, ref) < 1e-2
+    assert rel(ref_rounded, ref) > 1e-4  # the rounding is real: the first bound is the tighter
+    text = common.lower_for_cuda(
+        lambda *a: da.decode_attention(*a, config=cfg), q, k, v, lengths, tables
+    )
+    assert common.TRITON_CUSTOM_CALL in text
+
+
+def test_int8_queries_leave_other_keys_alone():
+    """fp8 keys and per-channel-group int8 scales ignore `int8_queries`."""
+    cfg = da.TuningConfig(int8_queries=True)
+    for kind, groups in (("fp8", (None, None)), ("int8", (32, None))):
+        k, v, tables, _ = make(kind, groups=groups)
+        q = jax.random.normal(jax.random.key(3), (2, 8, 64), jnp.bfloat16)
+        lengths = jnp.array([128, 40], jnp.int32)
+        got, _ = da.decode_attention(q, k, v, lengths, tables, config=cfg, interpret=True)
+        want, _ = da.decode_attention(q, k, v, lengths, tables, interpret=True)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize("q_dtype, bound", [(jnp.float32, 2e-5), (jnp.bfloat16, 5e-3)])
+def test_cache_int8_queries_kernel_path_matches_xla(q_dtype, bound):
+    """`KVQuantSpec(int8_queries=True)`: both paths round the queries to int8 the same way, so
+    the kernel (int8 scores) agrees with the XLA path as without the option; the option changes
+    the result (the rounding is not a no-op) and keeps the Triton kernel under `"mosaic"`."""
+    cache = _filled_cache("int8", 70, int8_queries=True)
+    plain = _filled_cache("int8", 70)
+    q = jax.random.normal(jax.random.key(0), (2, 1, 8, 64)).astype(q_dtype)
+    kernel = cache._attend_kernel(q, interpret=True)
+    xla = cache._attend_xla(q)
+    assert kernel.dtype == xla.dtype == q_dtype
+    assert common.relative_error(kernel, xla) < bound
+    assert common.relative_error(xla, plain._attend_xla(q)) > 1e-4
+    h100 = dict(backend="gpu", compute_capability=(9, 0))
+    from jqtz.nn import use_pallas_kernels
+
+    with use_pallas_kernels(lowering="mosaic"):
+        assert cache.attention_path(q.astype(jnp.bfloat16), **h100) == "kernel"
+        assert plain.attention_path(q.astype(jnp.bfloat16), **h100) == "kernel-mosaic"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(kind="fp8"), dict(kind="int4"), dict(kind="int8", key_group_size=32),
+     dict(kind="int8", residual=16)],
+    ids=["fp8", "int4", "key-groups", "window"],
+)  # fmt: skip
+def test_int8_queries_spec_refuses_other_keys(options):
+    with pytest.raises(ValueError, match="int8_queries"):
+        KVQuantSpec(int8_queries=True, **options)
