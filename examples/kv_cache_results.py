@@ -4,10 +4,11 @@ Every token of every window is fed one at a time (`jqtz.models.quantized_kv_cach
 decode_perplexity`, a jitted `lax.scan`), so each prediction attends over the keys and values as
 the cache stored them: the difference from the full-precision cache is the cache's quantization
 error alone. Caches: full precision (float32, the model's compute dtype), int8 and fp8 e4m3
-(per-token, per-head scales), int4 KIVI (per-channel key scales over 32-token groups, per-token
-value scales, a full-precision window of the R most recent tokens; R = 128 is KIVI's default and
-R = 32 quantizes much more of a 512-token window). The weights are SmolLM2's dequantized Q4_1
-GGUF, unchanged in every row.
+(per-token, per-head scales; int8 also with its queries rounded to int8 per head for the
+scores, `KVQuantSpec(int8_queries=True)`, the decode kernel's int8 `q kᵀ`), int4 KIVI
+(per-channel key scales over 32-token groups, per-token value scales, a full-precision window
+of the R most recent tokens; R = 128 is KIVI's default and R = 32 quantizes much more of a
+512-token window). The weights are SmolLM2's dequantized Q4_1 GGUF, unchanged in every row.
 
 Held-out text: tinyshakespeare.txt[900000:]; windows of 512 tokens, no BOS, non-overlapping,
 511 scored tokens each (the protocol line is printed). Also prints the full-forward perplexity
@@ -17,7 +18,7 @@ cache (compiled, not run), with the attention streaming key blocks (`causal_atte
 for comparison, materializing every score.
 
 Usage:
-  python examples/kv_cache_results.py                 # N = 12 windows, about 8 minutes, 2 cores
+  python examples/kv_cache_results.py                 # N = 12 windows, about 10 minutes, 2 cores
   python examples/kv_cache_results.py --windows 32 --int4-residuals 128 32 0
   python examples/kv_cache_results.py --memory-only   # the two memory tables, seconds
 """
@@ -49,9 +50,11 @@ TARGETS = {"int8": 0.5, "fp8": 0.5, "int4": 3.0}  # % perplexity increase allowe
 
 
 def caches(int4_residuals):
+    int8_queries = quantized_cache_factory("int8", int8_queries=True)
     rows = [
         ("full precision (float32)", None, init_cache),
         ("int8 per-token", "int8", quantized_cache_factory("int8")),
+        ("int8 per-token, int8 queries", "int8", int8_queries),
         ("fp8 e4m3 per-token", "fp8", quantized_cache_factory("fp8")),
     ]
     for r in int4_residuals:

@@ -722,19 +722,23 @@ def tune_candidates(batch: int, hkv: int, pages: int) -> list[TuningConfig | Mos
     time budget still compares the two lowerings): split counts around the default's, Triton
     launch parameters and pages per step, and Mosaic GPU pipeline depths and step sizes. The
     benchmark drops Mosaic GPU configs for pages that path does not read
-    (:func:`mosaic_unsupported`), and `int8_via_f16` configs for pages other than int8."""
+    (:func:`mosaic_unsupported`), `int8_via_f16` configs for pages other than int8, and
+    `int8_queries` configs for keys other than int8 with one scale per token and head."""
     auto = _splits(TuningConfig(), batch, hkv, pages)
     # the default's split count first: a sweep cut short by its time budget has tried it
     splits = [sp for sp in dict.fromkeys((auto, 2 * auto, max(1, auto // 2), 4 * auto))
               if sp <= pages]  # fmt: skip
     out = [TuningConfig(), MosaicConfig(), TuningConfig(int8_via_f16=True)]
+    out.append(TuningConfig(int8_queries=True, int8_via_f16=True))
     out.append(MosaicConfig(block_tokens=128))
+    out.append(TuningConfig(int8_queries=True))
     for sp in splits:
         out += [
             TuningConfig(num_splits=sp, num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 3))
         ]
         out.append(TuningConfig(num_splits=sp, pages_per_step=2))
         out.append(TuningConfig(num_splits=sp, int8_via_f16=True))
+        out.append(TuningConfig(num_splits=sp, int8_queries=True, int8_via_f16=True))
         out.append(MosaicConfig(num_splits=sp, max_concurrent_steps=4))
     return list(dict.fromkeys(out))
 
@@ -785,20 +789,28 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), first_o
                 v = dataclasses.replace(v, codes=v.codes.astype(jnp.bfloat16))
             sets = [(qs[i], k, v, lengths, tables) for i in range(calls)]
             ref = reference(*sets[0])[0]
+            # `int8_queries` is held to the reference over the queries it multiplies.
+            q8, q8_scale = quantize_queries((sets[0][0].astype(jnp.float32) * d**-0.5)
+                                            .astype(sets[0][0].dtype))  # fmt: skip
+            q8 = q8.astype(jnp.float32) * (q8_scale[..., None] * d**0.5)
+            ref_q8 = reference(q8, *sets[0][1:])[0] if name == "int8" else ref
 
-            def measure(cfg, sets=sets, ref=ref):
+            def measure(cfg, sets=sets, ref=ref, ref_q8=ref_q8):
                 fn = lambda *a: decode_attention(*a, config=cfg, interpret=interpret)[0]
-                err = common.relative_error(fn(*sets[0]), ref)
+                want = ref_q8 if getattr(cfg, "int8_queries", False) else ref
+                err = common.relative_error(fn(*sets[0]), want)
                 return common.time_per_call(fn, sets, iters=iters), err
 
             cands = []
-            if kind == "int8" and not tune:  # the conversion option, also in untuned runs
-                cands = [TuningConfig(int8_via_f16=True)]
+            if name == "int8" and not tune:  # the int8 options, also in untuned runs
+                cands = [TuningConfig(int8_via_f16=True),
+                         TuningConfig(int8_queries=True, int8_via_f16=True)]  # fmt: skip
             if tune:
                 cands = tune_candidates(b, hkv, tables.shape[1])
                 cands = [c for c in cands if not isinstance(c, MosaicConfig)
                          or mosaic_unsupported(qs[0], k, v, c) is None]  # fmt: skip
                 cands = [c for c in cands if kind == "int8" or not getattr(c, "int8_via_f16", 0)]
+                cands = [c for c in cands if name == "int8" or not getattr(c, "int8_queries", 0)]
                 cands = cands[:3] if smoke else cands
                 if ci:
                     cands = winners.get(name, [])

@@ -358,9 +358,11 @@ def test_tune_candidates_try_both_lowerings_and_the_default_split_first():
     cands = da.tune_candidates(8, 8, 256)  # the benchmark: 8 x 8 (sequence, KV head) pairs
     assert cands[:2] == [da.TuningConfig(), da.MosaicConfig()]
     auto = da._splits(da.TuningConfig(), 8, 8, 256)
-    assert cands[2] == da.TuningConfig(int8_via_f16=True)  # early: a short sweep still tries it
-    assert {c.num_splits for c in cands[4:9]} == {auto}
-    assert len(set(cands)) == len(cands) and all(c.num_splits <= 256 for c in cands[4:])
+    # early: a short sweep still tries the int8 options
+    assert cands[2] == da.TuningConfig(int8_via_f16=True)
+    assert cands[3] == da.TuningConfig(int8_queries=True, int8_via_f16=True)
+    assert {c.num_splits for c in cands[6:11]} == {auto}
+    assert len(set(cands)) == len(cands) and all(c.num_splits <= 256 for c in cands[6:])
     assert any(isinstance(c, da.MosaicConfig) and c.block_tokens == 128 for c in cands)
     assert any(isinstance(c, da.TuningConfig) and c.pages_per_step == 2 for c in cands)
 
