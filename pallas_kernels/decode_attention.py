@@ -450,6 +450,22 @@ def quantize_queries(qs: jax.Array) -> tuple[jax.Array, jax.Array]:
     return codes, scale
 
 
+def rounded_queries(q: jax.Array) -> jax.Array:
+    """The float32 queries ``q (..., D)`` whose attention ``int8_queries`` computes: each
+    row's ``q / sqrt(D)`` in ``q``'s dtype, rounded by :func:`quantize_queries`, times
+    ``sqrt(D)``. Attention over them is what the kernel's int8 scores give (the XLA path of
+    ``KVQuantSpec(int8_queries=True)``, and the kernel's benchmark reference).
+
+    Example (steps of 4 / 127: -2 is 63.5 steps and rounds to 64, 0.01 to none):
+      >>> import jax.numpy as jnp
+      >>> [round(v, 4) for v in rounded_queries(jnp.array([4.0, -2.0, 0.01, 0.0])).tolist()]
+      [4.0, -2.0157, 0.0, 0.0]
+    """
+    d = q.shape[-1]
+    codes, scale = quantize_queries((q.astype(jnp.float32) * d**-0.5).astype(q.dtype))
+    return codes.astype(jnp.float32) * (scale[..., None] * d**0.5)
+
+
 def _triton_attention(q, k: Pages, v: Pages, lengths, block_tables, cfg: TuningConfig, interpret):
     """The Triton kernel: per-program partial outputs ``(B, Hkv, splits, rows, D)`` (rows: the
     ``G`` query heads padded to 16 or a power of two) with their running max and sum, merged by
@@ -790,10 +806,9 @@ def benchmark(report, *, smoke=False, tune=False, deadline=float("inf"), first_o
             sets = [(qs[i], k, v, lengths, tables) for i in range(calls)]
             ref = reference(*sets[0])[0]
             # `int8_queries` is held to the reference over the queries it multiplies.
-            q8, q8_scale = quantize_queries((sets[0][0].astype(jnp.float32) * d**-0.5)
-                                            .astype(sets[0][0].dtype))  # fmt: skip
-            q8 = q8.astype(jnp.float32) * (q8_scale[..., None] * d**0.5)
-            ref_q8 = reference(q8, *sets[0][1:])[0] if name == "int8" else ref
+            ref_q8 = ref
+            if name == "int8":
+                ref_q8 = reference(rounded_queries(sets[0][0]), *sets[0][1:])[0]
 
             def measure(cfg, sets=sets, ref=ref, ref_q8=ref_q8):
                 fn = lambda *a: decode_attention(*a, config=cfg, interpret=interpret)[0]

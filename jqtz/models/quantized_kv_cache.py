@@ -586,9 +586,7 @@ class QuantizedKVCache:
         if self.spec.int8_queries:  # float32 attention with the kernel's rounded queries
             from pallas_kernels import decode_attention as da
 
-            d = self.head_dim
-            codes, scale = da.quantize_queries((q.astype(jnp.float32) * d**-0.5).astype(q.dtype))
-            rounded = codes.astype(jnp.float32) * (scale[..., None] * d**0.5)
+            rounded = da.rounded_queries(q)
             f32 = lambda x: x.astype(jnp.float32)
             return causal_attention(rounded, f32(keys), f32(values), self.length).astype(q.dtype)
         # Causal: positions at or past `length` lie beyond every query.
