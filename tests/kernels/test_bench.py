@@ -349,12 +349,16 @@ def test_only_rejects_unknown_kernels(capsys):
     assert "--only: unknown kernel(s) ['w8a16']" in err and "decode_attention" in err
 
 
-def test_w4a16_reexports_its_benchmark_lazily():
-    """`w4a16.benchmark` and friends are `w4a16_bench`'s (imported on first use); other
-    missing names still raise AttributeError."""
-    from pallas_kernels import w4a16_bench
+@pytest.mark.parametrize("name", ["w4a16", "decode_attention"])
+def test_kernels_reexport_their_benchmark_lazily(name):
+    """`w4a16.benchmark` and friends are `w4a16_bench`'s (imported on first use), as
+    `decode_attention`'s are `decode_attention_bench`'s; other missing names still raise
+    AttributeError."""
+    import importlib
 
-    for name in w4a16_bench.__all__:
-        assert getattr(w4a16, name) is getattr(w4a16_bench, name)
+    kernel = importlib.import_module(f"pallas_kernels.{name}")
+    bench_module = importlib.import_module(f"pallas_kernels.{name}_bench")
+    for attr in bench_module.__all__:
+        assert getattr(kernel, attr) is getattr(bench_module, attr)
     with pytest.raises(AttributeError, match="no attribute 'benchmarks'"):
-        w4a16.benchmarks  # noqa: B018
+        kernel.benchmarks  # noqa: B018
